@@ -1,0 +1,390 @@
+//! Settings: one struct, layered flag > environment > file > default.
+//!
+//! [`Layer`] is both the clap argument set (flags with their environment variables) and
+//! the TOML file schema, so the two can never drift apart. [`Settings::load`] stacks the
+//! layers and fills in defaults; [`Settings::default`] is what tests start from.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+
+use crate::protocol::valid_id;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    ReadFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("bad config file {path}: {source}")]
+    ParseFile {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// One layer of settings. Every field is optional so that layers can be stacked.
+#[derive(Debug, Default, Clone, Parser, Deserialize)]
+#[command(
+    name = "chatmesh",
+    version,
+    about = "A distributed websocket chat server",
+    long_about = "A distributed websocket chat server. Without --redis-url it runs as a single \
+                  node on an embedded in-memory store; with it, any number of nodes share Redis \
+                  and deliver to each other."
+)]
+#[serde(deny_unknown_fields)]
+pub struct Layer {
+    /// TOML file with any of these settings (keys are the long flag names with `_`).
+    #[arg(long, env = "CHATMESH_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Public listener: pages, /ws, /api, /healthz, /metrics [default: 127.0.0.1:8080]
+    #[arg(long, env = "CHATMESH_LISTEN")]
+    pub listen: Option<String>,
+    /// Peer API listener, never served publicly [default: 127.0.0.1:8081]
+    #[arg(long, env = "CHATMESH_INTERNAL_LISTEN")]
+    pub internal_listen: Option<String>,
+    /// Base URL peers use to reach this node's peer API [default: http://<internal-listen>]
+    #[arg(long, env = "CHATMESH_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Unique id of this node [default: random, printed at start]
+    #[arg(long, env = "CHATMESH_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Redis URL (redis:// or redis+unix://); set means cluster mode
+    #[arg(long, env = "CHATMESH_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Shared secret of the peer API; required in cluster mode
+    #[arg(long, env = "CHATMESH_CLUSTER_SECRET", hide_env_values = true)]
+    pub cluster_secret: Option<String>,
+    /// HS256 secret; set means /ws requires ?token= (JWT with sub and exp)
+    #[arg(long, env = "CHATMESH_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// Enables the server HTTP API (/api/...) with Authorization: Bearer <key>
+    #[arg(long, env = "CHATMESH_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Node heartbeat period into Redis, ms [default: 1000]
+    #[arg(long, env = "CHATMESH_HEARTBEAT_MS")]
+    pub heartbeat_ms: Option<u64>,
+    /// A node not heard from for this long is dead, ms [default: 5000]
+    #[arg(long, env = "CHATMESH_NODE_TTL_MS")]
+    pub node_ttl_ms: Option<u64>,
+    /// Largest websocket frame; larger closes the connection with 1009 [default: 65536]
+    #[arg(long, env = "CHATMESH_MAX_FRAME_BYTES")]
+    pub max_frame_bytes: Option<usize>,
+    /// Longest message body in bytes [default: 4096]
+    #[arg(long, env = "CHATMESH_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// Messages kept per conversation [default: 10000]
+    #[arg(long, env = "CHATMESH_HISTORY_PER_CONV")]
+    pub history_per_conv: Option<usize>,
+    /// Frames per second one connection may send [default: 100]
+    #[arg(long, env = "CHATMESH_RATE_PER_SEC")]
+    pub rate_per_sec: Option<f64>,
+    /// Burst of frames one connection may send [default: 200]
+    #[arg(long, env = "CHATMESH_RATE_BURST")]
+    pub rate_burst: Option<f64>,
+    /// Frames refused with rate_limited before a flooding connection is closed (1008) [default: 50]
+    #[arg(long, env = "CHATMESH_FLOOD_STRIKES")]
+    pub flood_strikes: Option<f64>,
+    /// Frames waiting for one connection; a full queue closes it with 1008 [default: 256]
+    #[arg(long, env = "CHATMESH_OUTBOUND_QUEUE")]
+    pub outbound_queue: Option<usize>,
+    /// Comma-separated allowed Origins for /ws, or * [default: same host]
+    #[arg(long, env = "CHATMESH_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Option<Vec<String>>,
+    /// Deadline of every store call, ms [default: 3000]
+    #[arg(long, env = "CHATMESH_STORE_TIMEOUT_MS")]
+    pub store_timeout_ms: Option<u64>,
+    /// Websocket ping period, ms [default: 10000]
+    #[arg(long, env = "CHATMESH_PING_INTERVAL_MS")]
+    pub ping_interval_ms: Option<u64>,
+    /// A client silent (no pong, no frame) this long is dropped, ms [default: 30000]
+    #[arg(long, env = "CHATMESH_CLIENT_TIMEOUT_MS")]
+    pub client_timeout_ms: Option<u64>,
+    /// HTTP worker threads [default: number of CPUs]
+    #[arg(long, env = "CHATMESH_WORKERS")]
+    pub workers: Option<usize>,
+    /// Idempotency window of client_id, seconds [default: 86400]
+    #[arg(long, env = "CHATMESH_IDEMPOTENCY_TTL_SECS")]
+    pub idempotency_ttl_secs: Option<u64>,
+}
+
+macro_rules! stack {
+    ($top:expr, $bottom:expr, $($field:ident),* $(,)?) => {
+        Layer { $($field: $top.$field.or($bottom.$field),)* }
+    };
+}
+
+impl Layer {
+    /// `self` where set, else `below`.
+    pub fn over(self, below: Layer) -> Layer {
+        stack!(
+            self,
+            below,
+            config,
+            listen,
+            internal_listen,
+            advertise,
+            node_id,
+            redis_url,
+            cluster_secret,
+            jwt_secret,
+            api_key,
+            heartbeat_ms,
+            node_ttl_ms,
+            max_frame_bytes,
+            max_body_bytes,
+            history_per_conv,
+            rate_per_sec,
+            rate_burst,
+            flood_strikes,
+            outbound_queue,
+            allowed_origins,
+            store_timeout_ms,
+            ping_interval_ms,
+            client_timeout_ms,
+            workers,
+            idempotency_ttl_secs,
+        )
+    }
+
+    pub fn from_file(path: &std::path::Path) -> Result<Layer, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::ParseFile {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })
+    }
+}
+
+/// Per-connection and per-message limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_frame_bytes: usize,
+    pub max_body_bytes: usize,
+    pub history_per_conv: usize,
+    pub rate_per_sec: f64,
+    pub rate_burst: f64,
+    pub flood_strikes: f64,
+    pub outbound_queue: usize,
+    pub idempotency_ttl: Duration,
+}
+
+/// The resolved settings of one node.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: String,
+    pub internal_listen: String,
+    /// `None` until the internal listener is bound: then `http://<its address>`.
+    pub advertise: Option<String>,
+    pub node_id: String,
+    pub redis_url: Option<String>,
+    pub cluster_secret: Option<String>,
+    pub jwt_secret: Option<String>,
+    pub api_key: Option<String>,
+    pub heartbeat: Duration,
+    pub node_ttl: Duration,
+    pub limits: Limits,
+    /// Empty: same host only. `*`: any origin.
+    pub allowed_origins: Vec<String>,
+    pub store_timeout: Duration,
+    pub ping_interval: Duration,
+    pub client_timeout: Duration,
+    pub workers: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        match Settings::resolve(Layer::default()) {
+            Ok(s) => s,
+            // The defaults are constants that resolve() accepts; a failure here is a bug
+            // in this file, caught by the unit test below.
+            Err(e) => unreachable!("default settings are invalid: {e}"),
+        }
+    }
+}
+
+impl Settings {
+    /// Flags and environment from the process, then the file they name, then defaults.
+    pub fn load() -> Result<Settings, ConfigError> {
+        Settings::load_from(Layer::parse())
+    }
+
+    /// Like [`Settings::load`] with an already parsed flag/environment layer.
+    pub fn load_from(cli: Layer) -> Result<Settings, ConfigError> {
+        let file = match &cli.config {
+            Some(path) => Layer::from_file(path)?,
+            None => Layer::default(),
+        };
+        Settings::resolve(cli.over(file))
+    }
+
+    /// Fills in defaults and checks the combination.
+    pub fn resolve(l: Layer) -> Result<Settings, ConfigError> {
+        let node_id = match l.node_id {
+            Some(id) if valid_id(&id) => id,
+            Some(id) => {
+                return Err(ConfigError::Invalid(format!(
+                    "node id {id:?} must be 1 to 64 characters of A-Z a-z 0-9 _ . -"
+                )))
+            }
+            None => format!("node-{:08x}", rand::random::<u32>()),
+        };
+        let redis_url = l.redis_url.filter(|u| !u.is_empty());
+        let cluster_secret = l.cluster_secret.filter(|s| !s.is_empty());
+        if redis_url.is_some() && cluster_secret.is_none() {
+            return Err(ConfigError::Invalid(
+                "cluster mode (--redis-url) needs --cluster-secret (or CHATMESH_CLUSTER_SECRET): \
+                 peers authenticate each other with it"
+                    .into(),
+            ));
+        }
+        if let Some(a) = &l.advertise {
+            if !(a.starts_with("http://") || a.starts_with("https://")) {
+                return Err(ConfigError::Invalid(format!(
+                    "--advertise {a:?} must be an http:// or https:// base URL"
+                )));
+            }
+        }
+        let positive = |name: &str, v: f64| {
+            if v > 0.0 && v.is_finite() {
+                Ok(v)
+            } else {
+                Err(ConfigError::Invalid(format!("{name} must be positive")))
+            }
+        };
+        let limits = Limits {
+            max_frame_bytes: l.max_frame_bytes.unwrap_or(64 * 1024).max(1024),
+            max_body_bytes: l.max_body_bytes.unwrap_or(4096).max(1),
+            history_per_conv: l.history_per_conv.unwrap_or(10_000).max(1),
+            rate_per_sec: positive("rate_per_sec", l.rate_per_sec.unwrap_or(100.0))?,
+            rate_burst: positive("rate_burst", l.rate_burst.unwrap_or(200.0))?,
+            flood_strikes: positive("flood_strikes", l.flood_strikes.unwrap_or(50.0))?,
+            outbound_queue: l.outbound_queue.unwrap_or(256).max(1),
+            idempotency_ttl: Duration::from_secs(l.idempotency_ttl_secs.unwrap_or(24 * 3600)),
+        };
+        let heartbeat = Duration::from_millis(l.heartbeat_ms.unwrap_or(1000).max(10));
+        let node_ttl = Duration::from_millis(l.node_ttl_ms.unwrap_or(5000));
+        if node_ttl <= heartbeat {
+            return Err(ConfigError::Invalid(
+                "--node-ttl-ms must be longer than --heartbeat-ms".into(),
+            ));
+        }
+        Ok(Settings {
+            listen: l.listen.unwrap_or_else(|| "127.0.0.1:8080".into()),
+            internal_listen: l.internal_listen.unwrap_or_else(|| "127.0.0.1:8081".into()),
+            advertise: l.advertise.map(|a| a.trim_end_matches('/').to_owned()),
+            node_id,
+            redis_url,
+            cluster_secret,
+            jwt_secret: l.jwt_secret.filter(|s| !s.is_empty()),
+            api_key: l.api_key.filter(|s| !s.is_empty()),
+            heartbeat,
+            node_ttl,
+            limits,
+            allowed_origins: l
+                .allowed_origins
+                .unwrap_or_default()
+                .into_iter()
+                .map(|o| o.trim().trim_end_matches('/').to_owned())
+                .filter(|o| !o.is_empty())
+                .collect(),
+            store_timeout: Duration::from_millis(l.store_timeout_ms.unwrap_or(3000).max(1)),
+            ping_interval: Duration::from_millis(l.ping_interval_ms.unwrap_or(10_000).max(10)),
+            client_timeout: Duration::from_millis(l.client_timeout_ms.unwrap_or(30_000).max(20)),
+            workers: l
+                .workers
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+                .max(1),
+        })
+    }
+
+    pub fn cluster_mode(&self) -> bool {
+        self.redis_url.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let s = Settings::default();
+        assert_eq!(s.listen, "127.0.0.1:8080");
+        assert_eq!(s.internal_listen, "127.0.0.1:8081");
+        assert_eq!(s.heartbeat, Duration::from_millis(1000));
+        assert_eq!(s.node_ttl, Duration::from_millis(5000));
+        assert_eq!(s.limits.max_frame_bytes, 65536);
+        assert_eq!(s.limits.max_body_bytes, 4096);
+        assert_eq!(s.limits.history_per_conv, 10_000);
+        assert_eq!(s.limits.rate_per_sec, 100.0);
+        assert_eq!(s.limits.rate_burst, 200.0);
+        assert!(s.allowed_origins.is_empty());
+        assert!(!s.cluster_mode());
+        assert!(s.node_id.starts_with("node-"));
+    }
+
+    #[test]
+    fn flag_beats_env_beats_file_beats_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:9000\"\nnode_id = \"from-file\"\nmax_body_bytes = 100\n",
+        )
+        .unwrap();
+        let cli = Layer::try_parse_from([
+            "chatmesh",
+            "--config",
+            file.to_str().unwrap(),
+            "--node-id",
+            "from-flag",
+        ])
+        .unwrap();
+        let s = Settings::load_from(cli).unwrap();
+        assert_eq!(s.node_id, "from-flag");
+        assert_eq!(s.listen, "127.0.0.1:9000");
+        assert_eq!(s.limits.max_body_bytes, 100);
+        assert_eq!(s.internal_listen, "127.0.0.1:8081");
+    }
+
+    #[test]
+    fn cluster_mode_needs_a_secret() {
+        let err = Settings::resolve(Layer {
+            redis_url: Some("redis://127.0.0.1".into()),
+            ..Layer::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("--cluster-secret"), "{err}");
+    }
+
+    #[test]
+    fn unknown_file_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "lisen = \"x\"\n").unwrap();
+        assert!(matches!(
+            Layer::from_file(&file),
+            Err(ConfigError::ParseFile { .. })
+        ));
+    }
+
+    #[test]
+    fn bad_node_id_is_refused() {
+        assert!(Settings::resolve(Layer {
+            node_id: Some("a b".into()),
+            ..Layer::default()
+        })
+        .is_err());
+    }
+}

@@ -1,0 +1,428 @@
+//! The route tables (public and internal listener) and their handlers.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
+use actix_web_actors::ws;
+use askama::Template;
+use serde::Deserialize;
+use subtle::ConstantTimeEq;
+
+use crate::auth::Authenticator;
+use crate::chat::{Chat, ChatError, Send, Target};
+use crate::config::Settings;
+use crate::pages::{ChatPage, ErrorPage, IndexPage, STATIC_FILES};
+use crate::protocol::{dm_conv, room_conv, valid_id, ServerFrame};
+use crate::session::{Timings, WsSession};
+
+/// Everything a handler needs, shared by all workers.
+pub struct AppState {
+    pub chat: Arc<Chat>,
+    pub settings: Arc<Settings>,
+    pub auth: Authenticator,
+    /// Set when shutdown starts: new websockets are refused, /readyz says 503.
+    pub draining: AtomicBool,
+}
+
+/// Public listener: pages, /ws, /api, health and metrics.
+pub fn public_routes(cfg: &mut web::ServiceConfig) {
+    cfg.app_data(
+        web::JsonConfig::default()
+            .limit(64 * 1024)
+            .error_handler(|err, _| {
+                ApiError::new(StatusCode::BAD_REQUEST, "bad_json", &err.to_string()).into()
+            }),
+    )
+    .route("/", web::get().to(index))
+    .route("/chat", web::get().to(chat_page))
+    .route("/home/index", web::get().to(old_dm_page))
+    .route("/home/room", web::get().to(old_room_page))
+    .route("/static/{file}", web::get().to(static_file))
+    .route("/ws", web::get().to(websocket))
+    .route("/healthz", web::get().to(healthz))
+    .route("/readyz", web::get().to(readyz))
+    .route("/metrics", web::get().to(metrics))
+    .service(
+        web::scope("/api")
+            .route("/messages", web::post().to(api_post_message))
+            .route("/online", web::get().to(api_online))
+            .route("/history", web::get().to(api_history)),
+    );
+}
+
+/// Internal listener: the peer API only.
+pub fn internal_routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/healthz", web::get().to(healthz));
+    crate::cluster::peer_routes(cfg);
+}
+
+/// A JSON error `{"error": code, "message": ...}` with a status.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: &str) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.to_owned(),
+        }
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.status
+    }
+    fn error_response(&self) -> HttpResponse {
+        HttpResponse::build(self.status)
+            .json(serde_json::json!({"error": self.code, "message": self.message}))
+    }
+}
+
+impl From<ChatError> for ApiError {
+    fn from(e: ChatError) -> Self {
+        let status = match &e {
+            ChatError::Invalid(_) => StatusCode::BAD_REQUEST,
+            ChatError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ChatError::NotMember(_) => StatusCode::FORBIDDEN,
+            ChatError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        ApiError::new(status, e.code().as_str(), &e.to_string())
+    }
+}
+
+fn html(status: StatusCode, page: Result<String, askama::Error>) -> HttpResponse {
+    match page {
+        Ok(body) => HttpResponse::build(status)
+            .content_type("text/html; charset=utf-8")
+            .body(body),
+        Err(e) => {
+            log::error!("template error: {e}");
+            HttpResponse::InternalServerError().body("template error")
+        }
+    }
+}
+
+type Query = web::Query<HashMap<String, String>>;
+
+fn param<'a>(q: &'a Query, name: &str) -> &'a str {
+    q.get(name).map(String::as_str).unwrap_or("")
+}
+
+async fn index(state: web::Data<AppState>, q: Query) -> HttpResponse {
+    let page = IndexPage {
+        node: &state.chat.node_id,
+        dev_mode: state.auth.is_development(),
+        uid: param(&q, "uid"),
+        to: param(&q, "to"),
+        room: param(&q, "room"),
+    };
+    html(StatusCode::OK, page.render())
+}
+
+fn render_chat(state: &AppState, uid: &str, to: &str, room: &str) -> HttpResponse {
+    let bad = |message: String| {
+        html(
+            StatusCode::BAD_REQUEST,
+            ErrorPage {
+                node: &state.chat.node_id,
+                dev_mode: state.auth.is_development(),
+                message: &message,
+            }
+            .render(),
+        )
+    };
+    if !valid_id(uid) {
+        return bad(format!(
+            "Your id {uid:?} is not valid: use 1 to 64 characters of A-Z a-z 0-9 _ . -"
+        ));
+    }
+    let conv = match (to.is_empty(), room.is_empty()) {
+        (false, true) if !valid_id(to) => {
+            return bad(format!("The person {to:?} is not a valid id."))
+        }
+        (false, true) if to == uid => return bad("Choose someone other than yourself.".into()),
+        (false, true) => dm_conv(uid, to),
+        (true, false) if !valid_id(room) => {
+            return bad(format!("The room {room:?} is not a valid id."))
+        }
+        (true, false) => room_conv(room),
+        _ => return bad("Choose either a person (to) or a room, not both or neither.".into()),
+    };
+    html(
+        StatusCode::OK,
+        ChatPage {
+            node: &state.chat.node_id,
+            dev_mode: state.auth.is_development(),
+            uid,
+            to,
+            room,
+            conv: &conv,
+        }
+        .render(),
+    )
+}
+
+async fn chat_page(state: web::Data<AppState>, q: Query) -> HttpResponse {
+    render_chat(&state, param(&q, "uid"), param(&q, "to"), param(&q, "room"))
+}
+
+/// The URL of the system chatmesh replaces: `/home/index?uid=U&to_uid=V`.
+async fn old_dm_page(state: web::Data<AppState>, q: Query) -> HttpResponse {
+    render_chat(&state, param(&q, "uid"), param(&q, "to_uid"), "")
+}
+
+/// The URL of the system chatmesh replaces: `/home/room?uid=U&groups_id=R`.
+async fn old_room_page(state: web::Data<AppState>, q: Query) -> HttpResponse {
+    render_chat(&state, param(&q, "uid"), "", param(&q, "groups_id"))
+}
+
+async fn static_file(path: web::Path<String>) -> HttpResponse {
+    match STATIC_FILES.iter().find(|f| f.path == path.as_str()) {
+        Some(f) => HttpResponse::Ok()
+            .content_type(f.content_type)
+            .insert_header((header::CACHE_CONTROL, "no-cache"))
+            .body(f.body),
+        None => HttpResponse::NotFound().body("not found"),
+    }
+}
+
+#[derive(Deserialize)]
+struct WsQuery {
+    uid: Option<String>,
+    token: Option<String>,
+}
+
+/// Same host by default; otherwise the configured list (`*` allows any).
+fn origin_allowed(req: &HttpRequest, allowed: &[String]) -> bool {
+    let Some(origin) = req.headers().get(header::ORIGIN) else {
+        return true; // not a browser
+    };
+    let Ok(origin) = origin.to_str() else {
+        return false;
+    };
+    let origin = origin.trim_end_matches('/');
+    if allowed.is_empty() {
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok());
+        let origin_host = origin.split_once("://").map(|(_, h)| h);
+        return matches!((host, origin_host), (Some(h), Some(o)) if h.eq_ignore_ascii_case(o));
+    }
+    allowed
+        .iter()
+        .any(|a| a == "*" || a.eq_ignore_ascii_case(origin))
+}
+
+async fn websocket(
+    req: HttpRequest,
+    stream: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, actix_web::Error> {
+    if !origin_allowed(&req, &state.settings.allowed_origins) {
+        log::info!(
+            "refused websocket from origin {:?}",
+            req.headers().get(header::ORIGIN)
+        );
+        return Ok(
+            ApiError::new(StatusCode::FORBIDDEN, "forbidden", "origin not allowed")
+                .error_response(),
+        );
+    }
+    let unauthorized =
+        |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m).error_response();
+    let q = match web::Query::<WsQuery>::from_query(req.query_string()) {
+        Ok(q) => q.into_inner(),
+        Err(e) => return Ok(unauthorized(&format!("bad query string: {e}"))),
+    };
+    let uid = match state
+        .auth
+        .authenticate(q.uid.as_deref(), q.token.as_deref())
+    {
+        Ok(uid) => uid,
+        Err(e) => return Ok(unauthorized(&e.to_string())),
+    };
+    if state.draining.load(Ordering::Relaxed) {
+        return Ok(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "node is shutting down",
+        )
+        .error_response());
+    }
+    let timings = Timings {
+        ping_interval: state.settings.ping_interval,
+        client_timeout: state.settings.client_timeout,
+    };
+    let session = WsSession::new(uid, state.chat.clone(), timings);
+    ws::WsResponseBuilder::new(session, &req, stream)
+        .frame_size(state.chat.limits.max_frame_bytes)
+        .start()
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().content_type("text/plain").body("ok\n")
+}
+
+async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    if state.draining.load(Ordering::Relaxed) {
+        return HttpResponse::ServiceUnavailable()
+            .json(serde_json::json!({"ready": false, "reason": "shutting down"}));
+    }
+    if let Err(e) = state.chat.store.ping().await {
+        return HttpResponse::ServiceUnavailable()
+            .json(serde_json::json!({"ready": false, "reason": format!("store: {e}")}));
+    }
+    if let Some(cluster) = &state.chat.cluster {
+        if !cluster.registered() {
+            return HttpResponse::ServiceUnavailable().json(
+                serde_json::json!({"ready": false, "reason": "not registered in the cluster"}),
+            );
+        }
+    }
+    HttpResponse::Ok().json(serde_json::json!({"ready": true, "node": state.chat.node_id}))
+}
+
+async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok()
+        .insert_header((
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        ))
+        .body(state.chat.metrics.render())
+}
+
+/// Checks `Authorization: Bearer <secret>` in constant time.
+pub fn bearer_ok(req: &HttpRequest, secret: &str) -> bool {
+    let Some(value) = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let Some(given) = value.strip_prefix("Bearer ") else {
+        return false;
+    };
+    given.as_bytes().ct_eq(secret.as_bytes()).into()
+}
+
+fn api_auth(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
+    match &state.settings.api_key {
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_enabled",
+            "the server API is disabled (start with --api-key)",
+        )),
+        Some(key) if bearer_ok(req, key) => Ok(()),
+        Some(_) => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "Authorization: Bearer <api key> required",
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+struct ApiMessage {
+    from: String,
+    to: Option<String>,
+    room: Option<String>,
+    body: String,
+    client_id: Option<String>,
+}
+
+async fn api_post_message(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    msg: web::Json<ApiMessage>,
+) -> Result<HttpResponse, ApiError> {
+    api_auth(&req, &state)?;
+    let msg = msg.into_inner();
+    let target = match (msg.to, msg.room) {
+        (Some(to), None) => Target::User(to),
+        (None, Some(room)) => Target::Room(room),
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                "give exactly one of \"to\" and \"room\"",
+            ))
+        }
+    };
+    let sent = state
+        .chat
+        .send(Send {
+            from: msg.from,
+            target,
+            body: msg.body,
+            client_id: msg.client_id,
+            origin: None,
+            require_member: false,
+        })
+        .await?;
+    Ok(HttpResponse::Ok()
+        .content_type("application/json")
+        .body(ServerFrame::Sent(&sent).to_text().to_string()))
+}
+
+async fn api_online(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    q: Query,
+) -> Result<HttpResponse, ApiError> {
+    api_auth(&req, &state)?;
+    let uids: Vec<String> = param(&q, "uids")
+        .split(',')
+        .filter(|u| !u.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let answers = state.chat.online(uids).await?;
+    let map: serde_json::Map<String, serde_json::Value> = answers
+        .into_iter()
+        .map(|(u, o)| (u, serde_json::Value::Bool(o)))
+        .collect();
+    Ok(HttpResponse::Ok().json(map))
+}
+
+#[derive(Deserialize)]
+struct HistoryQuery {
+    conv: String,
+    before: Option<u64>,
+    limit: Option<u64>,
+}
+
+async fn api_history(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    api_auth(&req, &state)?;
+    let q = web::Query::<HistoryQuery>::from_query(req.query_string())
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid", &e.to_string()))?;
+    let page = state.chat.history(None, &q.conv, q.before, q.limit).await?;
+    let body = ServerFrame::History {
+        conv: &page.conv,
+        messages: &page.messages,
+        more: page.more,
+    }
+    .to_text();
+    Ok(HttpResponse::Ok()
+        .content_type("application/json")
+        .body(body.to_string()))
+}

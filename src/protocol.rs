@@ -1,0 +1,394 @@
+//! Websocket frames (contract section 3) and the id rules (contract section 2).
+//!
+//! Parsing is done in two steps so that every bad frame gets the right error code:
+//! first JSON (`bad_json`), then the `type` tag (`unknown_type`), then the fields
+//! of that type (`invalid`).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Longest user or room id.
+pub const MAX_ID_LEN: usize = 64;
+/// Longest `client_id` a client may choose.
+pub const MAX_CLIENT_ID_LEN: usize = 128;
+/// Most uids one `presence` frame may ask about.
+pub const MAX_PRESENCE_UIDS: usize = 100;
+/// Most messages a `history` frame may ask for.
+pub const MAX_HISTORY_LIMIT: usize = 100;
+/// Messages per conversation in a `sync` answer when the client has a cursor.
+pub const SYNC_PAGE: usize = 100;
+/// Messages per conversation in a `sync` answer when the client has no cursor.
+pub const SYNC_LATEST: usize = 20;
+
+/// A user or room id: 1 to 64 characters of `A-Z a-z 0-9 _ . -`.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-')
+}
+
+/// The conversation id of a one-to-one chat: `dm:A:B` with A < B in byte order.
+pub fn dm_conv(a: &str, b: &str) -> String {
+    if a <= b {
+        format!("dm:{a}:{b}")
+    } else {
+        format!("dm:{b}:{a}")
+    }
+}
+
+/// The conversation id of a room.
+pub fn room_conv(room: &str) -> String {
+    format!("room:{room}")
+}
+
+/// A parsed conversation id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Conv<'a> {
+    Dm(&'a str, &'a str),
+    Room(&'a str),
+}
+
+impl<'a> Conv<'a> {
+    /// Parses `dm:A:B` (A < B, both valid ids) or `room:R`.
+    pub fn parse(conv: &'a str) -> Option<Conv<'a>> {
+        if let Some(room) = conv.strip_prefix("room:") {
+            return valid_id(room).then_some(Conv::Room(room));
+        }
+        let rest = conv.strip_prefix("dm:")?;
+        let (a, b) = rest.split_once(':')?;
+        (valid_id(a) && valid_id(b) && a < b).then_some(Conv::Dm(a, b))
+    }
+
+    /// Whether `uid` may read this conversation, without looking at room membership.
+    pub fn dm_includes(&self, uid: &str) -> bool {
+        matches!(self, Conv::Dm(a, b) if *a == uid || *b == uid)
+    }
+}
+
+/// A frame from a client, after its fields have been checked for shape (not for rules).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientFrame {
+    Direct {
+        to: String,
+        body: String,
+        client_id: String,
+    },
+    Room {
+        room: String,
+        body: String,
+        client_id: String,
+    },
+    Join {
+        room: String,
+    },
+    Leave {
+        room: String,
+    },
+    Sync {
+        #[serde(default)]
+        cursors: BTreeMap<String, u64>,
+    },
+    History {
+        conv: String,
+        #[serde(default)]
+        before: Option<u64>,
+        #[serde(default)]
+        limit: Option<u64>,
+    },
+    Presence {
+        uids: Vec<String>,
+    },
+}
+
+const CLIENT_TYPES: &[&str] = &[
+    "direct", "room", "join", "leave", "sync", "history", "presence",
+];
+
+/// Why a text frame could not be parsed, with the `client_id` it carried (if any)
+/// so the error can be matched to the send that caused it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameError {
+    pub code: ErrorCode,
+    pub message: String,
+    pub client_id: Option<String>,
+}
+
+/// Parses one text frame.
+pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| FrameError {
+        code: ErrorCode::BadJson,
+        message: format!("frame is not JSON: {e}"),
+        client_id: None,
+    })?;
+    let Some(object) = value.as_object() else {
+        return Err(FrameError {
+            code: ErrorCode::BadJson,
+            message: "frame must be a JSON object".into(),
+            client_id: None,
+        });
+    };
+    let client_id = object
+        .get("client_id")
+        .and_then(|v| v.as_str())
+        .map(|s| s.chars().take(MAX_CLIENT_ID_LEN).collect::<String>());
+    match object.get("type").and_then(|t| t.as_str()) {
+        Some(t) if CLIENT_TYPES.contains(&t) => {}
+        Some(t) => {
+            return Err(FrameError {
+                code: ErrorCode::UnknownType,
+                message: format!(
+                    "unknown frame type {:?}",
+                    t.chars().take(32).collect::<String>()
+                ),
+                client_id,
+            })
+        }
+        None => {
+            return Err(FrameError {
+                code: ErrorCode::UnknownType,
+                message: "frame has no string field \"type\"".into(),
+                client_id,
+            })
+        }
+    }
+    serde_json::from_value(value).map_err(|e| FrameError {
+        code: ErrorCode::Invalid,
+        message: e.to_string(),
+        client_id,
+    })
+}
+
+/// The error codes of contract section 3.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadJson,
+    UnknownType,
+    Invalid,
+    TooLarge,
+    NotMember,
+    RateLimited,
+    Unavailable,
+    Unsupported,
+}
+
+impl ErrorCode {
+    pub const ALL: [ErrorCode; 8] = [
+        ErrorCode::BadJson,
+        ErrorCode::UnknownType,
+        ErrorCode::Invalid,
+        ErrorCode::TooLarge,
+        ErrorCode::NotMember,
+        ErrorCode::RateLimited,
+        ErrorCode::Unavailable,
+        ErrorCode::Unsupported,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadJson => "bad_json",
+            ErrorCode::UnknownType => "unknown_type",
+            ErrorCode::Invalid => "invalid",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::NotMember => "not_member",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Unsupported => "unsupported",
+        }
+    }
+}
+
+/// A stored message, as it travels to clients, peers and the store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    pub conv: String,
+    pub seq: u64,
+    pub id: String,
+    pub from: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub room: Option<String>,
+    pub body: String,
+    pub ts: u64,
+}
+
+/// The answer to a stored send.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sent {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    pub conv: String,
+    pub seq: u64,
+    pub id: String,
+    pub ts: u64,
+}
+
+/// A frame from the server.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame<'a> {
+    Welcome {
+        uid: &'a str,
+        node: &'a str,
+        rooms: &'a [String],
+    },
+    Message(&'a Message),
+    Sent(&'a Sent),
+    Joined {
+        room: &'a str,
+    },
+    Left {
+        room: &'a str,
+    },
+    Synced {
+        more: &'a [String],
+    },
+    History {
+        conv: &'a str,
+        messages: &'a [Message],
+        more: bool,
+    },
+    Presence {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        room: Option<&'a str>,
+        uid: &'a str,
+        online: bool,
+    },
+    Error {
+        code: ErrorCode,
+        message: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        client_id: Option<&'a str>,
+    },
+}
+
+impl ServerFrame<'_> {
+    /// The frame as JSON text. Serialising these types cannot fail (string keys, no
+    /// maps with non-string keys), so a failure is a programming error worth a log line,
+    /// not a panic.
+    pub fn to_text(&self) -> bytestring::ByteString {
+        match serde_json::to_string(self) {
+            Ok(s) => s.into(),
+            Err(e) => {
+                log::error!("cannot serialise server frame: {e}");
+                r#"{"type":"error","code":"invalid","message":"internal serialisation error"}"#
+                    .into()
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids() {
+        assert!(valid_id("alice"));
+        assert!(valid_id("A-b_c.9"));
+        assert!(valid_id(&"x".repeat(64)));
+        assert!(!valid_id(&"x".repeat(65)));
+        assert!(!valid_id(""));
+        assert!(!valid_id("a b"));
+        assert!(!valid_id("a:b"));
+        assert!(!valid_id("<script>"));
+        assert!(!valid_id("é"));
+    }
+
+    #[test]
+    fn conversation_ids() {
+        assert_eq!(dm_conv("bob", "alice"), "dm:alice:bob");
+        assert_eq!(dm_conv("alice", "bob"), "dm:alice:bob");
+        // byte order: upper case sorts before lower case
+        assert_eq!(dm_conv("bob", "Zed"), "dm:Zed:bob");
+        assert_eq!(room_conv("lobby"), "room:lobby");
+        assert_eq!(Conv::parse("dm:alice:bob"), Some(Conv::Dm("alice", "bob")));
+        assert_eq!(Conv::parse("dm:bob:alice"), None);
+        assert_eq!(Conv::parse("dm:alice:alice"), None);
+        assert_eq!(Conv::parse("room:lobby"), Some(Conv::Room("lobby")));
+        assert_eq!(Conv::parse("room:"), None);
+        assert_eq!(Conv::parse("lobby"), None);
+        assert!(Conv::parse("dm:alice:bob").unwrap().dm_includes("bob"));
+        assert!(!Conv::parse("dm:alice:bob").unwrap().dm_includes("carol"));
+    }
+
+    #[test]
+    fn parses_every_client_frame() {
+        let f = parse_client_frame(r#"{"type":"direct","to":"bob","body":"hi","client_id":"k1"}"#);
+        assert_eq!(
+            f,
+            Ok(ClientFrame::Direct {
+                to: "bob".into(),
+                body: "hi".into(),
+                client_id: "k1".into()
+            })
+        );
+        assert!(matches!(
+            parse_client_frame(r#"{"type":"sync"}"#),
+            Ok(ClientFrame::Sync { .. })
+        ));
+        assert!(matches!(
+            parse_client_frame(r#"{"type":"history","conv":"room:x"}"#),
+            Ok(ClientFrame::History {
+                before: None,
+                limit: None,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn classifies_bad_frames() {
+        let code = |t: &str| parse_client_frame(t).unwrap_err().code;
+        assert_eq!(code("nope"), ErrorCode::BadJson);
+        assert_eq!(code("[1,2]"), ErrorCode::BadJson);
+        assert_eq!(code(r#"{"type":"dance"}"#), ErrorCode::UnknownType);
+        assert_eq!(code(r#"{"to":"bob"}"#), ErrorCode::UnknownType);
+        assert_eq!(code(r#"{"type":"direct","to":"bob"}"#), ErrorCode::Invalid);
+        assert_eq!(
+            code(r#"{"type":"direct","to":5,"body":"x","client_id":"k"}"#),
+            ErrorCode::Invalid
+        );
+        let e = parse_client_frame(r#"{"type":"room","client_id":"k9"}"#).unwrap_err();
+        assert_eq!(e.client_id.as_deref(), Some("k9"));
+    }
+
+    #[test]
+    fn server_frames_match_the_contract() {
+        let m = Message {
+            conv: "dm:alice:bob".into(),
+            seq: 13,
+            id: "i".into(),
+            from: "alice".into(),
+            to: Some("bob".into()),
+            room: None,
+            body: "hi".into(),
+            ts: 1,
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(&ServerFrame::Message(&m).to_text()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"message","conv":"dm:alice:bob","seq":13,"id":"i",
+                "from":"alice","to":"bob","body":"hi","ts":1})
+        );
+        let v: serde_json::Value = serde_json::from_str(
+            &ServerFrame::Presence {
+                room: None,
+                uid: "bob",
+                online: true,
+            }
+            .to_text(),
+        )
+        .unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"presence","uid":"bob","online":true})
+        );
+    }
+}

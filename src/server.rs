@@ -1,0 +1,339 @@
+//! The ChatServer actor: the local sessions of this node and the online members of each
+//! room, and the fan-out of stored messages to them. Routing rules live in
+//! [`Registry`]; this actor only turns its answers into frames on sessions.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use actix::prelude::*;
+use actix_web_actors::ws::CloseCode;
+use bytestring::ByteString;
+
+use crate::cluster::ClusterEvent;
+use crate::metrics::Metrics;
+use crate::protocol::{Message as ChatMessage, ServerFrame};
+use crate::registry::{Registry, SessionId};
+
+/// A frame for a session to write. Sent with `try_send`, so a session whose mailbox
+/// (its outbound queue) is full is noticed instead of growing without bound.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Deliver {
+    pub frame: ByteString,
+    /// Counted as a delivered message (not a control frame).
+    pub is_message: bool,
+}
+
+/// Tells a session to close its websocket.
+#[derive(Message, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct Close {
+    pub code: CloseCode,
+    pub reason: &'static str,
+}
+
+/// How the server reaches one session.
+#[derive(Clone)]
+pub struct SessionHandle {
+    pub deliver: Recipient<Deliver>,
+    pub close: Recipient<Close>,
+    /// Set once the outbound queue overflowed: nothing more is queued for it.
+    pub overflowed: Arc<AtomicBool>,
+}
+
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct Connect {
+    pub sid: SessionId,
+    pub uid: String,
+    pub rooms: Vec<String>,
+    pub handle: SessionHandle,
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Disconnect {
+    pub sid: SessionId,
+}
+
+/// A membership change that the store has already accepted.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Membership {
+    pub uid: String,
+    pub room: String,
+    pub joined: bool,
+}
+
+/// Delivers a stored message to the local sessions that should get it.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Fanout {
+    pub message: Arc<ChatMessage>,
+    /// The sending connection, which gets `sent` instead.
+    pub exclude: Option<SessionId>,
+}
+
+/// A member of a room came online or went offline (somewhere in the cluster); tell the
+/// other members online here.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RoomPresence {
+    pub room: String,
+    pub uid: String,
+    pub online: bool,
+}
+
+/// Which of these users have a connection on this node.
+#[derive(Message)]
+#[rtype(result = "Vec<bool>")]
+pub struct LocalOnline {
+    pub uids: Vec<String>,
+}
+
+/// Users online here and the rooms with members online here, so the cluster directory
+/// can be rebuilt after Redis lost it.
+#[derive(Message)]
+#[rtype(result = "LocalSnapshot")]
+pub struct Snapshot;
+
+#[derive(Debug, Default, Clone, MessageResponse)]
+pub struct LocalSnapshot {
+    pub users: Vec<String>,
+    pub rooms: Vec<String>,
+}
+
+/// Closes every session with 1012 (service restart); answers how many there were.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct Shutdown;
+
+/// Where presence transitions go in cluster mode.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AttachCluster {
+    pub events: Recipient<ClusterEvent>,
+}
+
+pub struct ChatServer {
+    registry: Registry<SessionHandle>,
+    metrics: Arc<Metrics>,
+    cluster: Option<Recipient<ClusterEvent>>,
+    closing: bool,
+}
+
+impl ChatServer {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        ChatServer {
+            registry: Registry::default(),
+            metrics,
+            cluster: None,
+            closing: false,
+        }
+    }
+
+    fn push(&self, handle: &SessionHandle, frame: &ByteString, is_message: bool) {
+        if handle.overflowed.load(Ordering::Relaxed) {
+            return;
+        }
+        let msg = Deliver {
+            frame: frame.clone(),
+            is_message,
+        };
+        match handle.deliver.try_send(msg) {
+            Ok(()) => {}
+            Err(SendError::Full(_)) => {
+                // The client is not reading. Stop queueing for it and close it; what it
+                // missed is stored and reaches it at its next sync.
+                handle.overflowed.store(true, Ordering::Relaxed);
+                self.metrics.slow_consumers.inc();
+                handle.close.do_send(Close {
+                    code: CloseCode::Policy,
+                    reason: "outbound queue full: not reading",
+                });
+            }
+            Err(SendError::Closed(_)) => {}
+        }
+    }
+
+    fn room_presence(&self, room: &str, uid: &str, online: bool) {
+        let frame = ServerFrame::Presence {
+            room: Some(room),
+            uid,
+            online,
+        }
+        .to_text();
+        for member in self.registry.online_members(room) {
+            if member == uid {
+                continue;
+            }
+            for (_, h) in self.registry.sessions_of(member) {
+                self.push(h, &frame, false);
+            }
+        }
+    }
+}
+
+impl Actor for ChatServer {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        // Peer deliveries and session events can come in bursts; the default mailbox of 16
+        // would only add back-pressure where senders use do_send anyway.
+        ctx.set_mailbox_capacity(usize::MAX);
+    }
+}
+
+impl Handler<Connect> for ChatServer {
+    type Result = bool;
+
+    fn handle(&mut self, msg: Connect, _: &mut Context<Self>) -> bool {
+        if self.closing {
+            msg.handle.close.do_send(Close {
+                code: CloseCode::Restart,
+                reason: "server shutting down",
+            });
+        }
+        let first = self
+            .registry
+            .connect(msg.sid, &msg.uid, &msg.rooms, msg.handle);
+        if first {
+            match &self.cluster {
+                // The cluster decides whether this is the first connection anywhere and
+                // sends the presence event back to every node with members online.
+                Some(cluster) => cluster.do_send(ClusterEvent::UserOnline {
+                    uid: msg.uid.clone(),
+                    rooms: msg.rooms.clone(),
+                }),
+                None => {
+                    for room in &msg.rooms {
+                        self.room_presence(room, &msg.uid, true);
+                    }
+                }
+            }
+        }
+        first
+    }
+}
+
+impl Handler<Disconnect> for ChatServer {
+    type Result = ();
+
+    fn handle(&mut self, msg: Disconnect, _: &mut Context<Self>) {
+        let Some(departure) = self.registry.disconnect(msg.sid) else {
+            return;
+        };
+        if !departure.last {
+            return;
+        }
+        match &self.cluster {
+            Some(cluster) => cluster.do_send(ClusterEvent::UserOffline {
+                uid: departure.uid,
+                rooms: departure.rooms,
+            }),
+            None => {
+                for room in &departure.rooms {
+                    self.room_presence(room, &departure.uid, false);
+                }
+            }
+        }
+    }
+}
+
+impl Handler<Membership> for ChatServer {
+    type Result = ();
+
+    fn handle(&mut self, msg: Membership, _: &mut Context<Self>) {
+        let online = self.registry.is_online(&msg.uid);
+        if msg.joined {
+            self.registry.join(&msg.uid, &msg.room);
+        } else {
+            self.registry.leave(&msg.uid, &msg.room);
+        }
+        if online {
+            if let Some(cluster) = &self.cluster {
+                cluster.do_send(ClusterEvent::Membership {
+                    uid: msg.uid,
+                    room: msg.room,
+                    joined: msg.joined,
+                });
+            }
+        }
+    }
+}
+
+impl Handler<Fanout> for ChatServer {
+    type Result = ();
+
+    fn handle(&mut self, msg: Fanout, _: &mut Context<Self>) {
+        let m = &msg.message;
+        let targets = match (&m.room, &m.to) {
+            (Some(room), _) => self.registry.targets(&[], Some(room), msg.exclude),
+            (None, Some(to)) => self.registry.targets(&[&m.from, to], None, msg.exclude),
+            (None, None) => return,
+        };
+        if targets.is_empty() {
+            return;
+        }
+        // Serialised once, shared by every recipient.
+        let frame = ServerFrame::Message(m).to_text();
+        for h in targets {
+            self.push(h, &frame, true);
+        }
+    }
+}
+
+impl Handler<RoomPresence> for ChatServer {
+    type Result = ();
+
+    fn handle(&mut self, msg: RoomPresence, _: &mut Context<Self>) {
+        self.room_presence(&msg.room, &msg.uid, msg.online);
+    }
+}
+
+impl Handler<LocalOnline> for ChatServer {
+    type Result = Vec<bool>;
+
+    fn handle(&mut self, msg: LocalOnline, _: &mut Context<Self>) -> Vec<bool> {
+        msg.uids
+            .iter()
+            .map(|u| self.registry.is_online(u))
+            .collect()
+    }
+}
+
+impl Handler<Snapshot> for ChatServer {
+    type Result = LocalSnapshot;
+
+    fn handle(&mut self, _: Snapshot, _: &mut Context<Self>) -> LocalSnapshot {
+        LocalSnapshot {
+            users: self.registry.users().map(str::to_owned).collect(),
+            rooms: self.registry.rooms().map(str::to_owned).collect(),
+        }
+    }
+}
+
+impl Handler<Shutdown> for ChatServer {
+    type Result = usize;
+
+    fn handle(&mut self, _: Shutdown, _: &mut Context<Self>) -> usize {
+        self.closing = true;
+        let mut n = 0;
+        for (_, h) in self.registry.all() {
+            h.close.do_send(Close {
+                code: CloseCode::Restart,
+                reason: "server restarting",
+            });
+            n += 1;
+        }
+        n
+    }
+}
+
+impl Handler<AttachCluster> for ChatServer {
+    type Result = ();
+
+    fn handle(&mut self, msg: AttachCluster, _: &mut Context<Self>) {
+        self.cluster = Some(msg.events);
+    }
+}

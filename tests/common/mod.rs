@@ -1,0 +1,425 @@
+//! Test harness: nodes on port 0 in their own actix system, a websocket client that
+//! speaks only the contract, a tiny HTTP client, and (in submodules) redis-server and
+//! headless Chromium.
+#![allow(dead_code)]
+
+pub mod browser;
+pub mod redis;
+
+use std::net::TcpListener;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use chatmesh::config::Settings;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long any single expected event may take before a test fails.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// Settings for a test node: small, fast timings, one worker.
+pub fn settings() -> Settings {
+    let mut s = Settings::default();
+    s.workers = 1;
+    s
+}
+
+/// A node running in its own thread and actix system, on 127.0.0.1 port 0.
+pub struct TestNode {
+    pub base: String,
+    pub ws: String,
+    pub internal: String,
+    pub node_id: String,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<Result<(), chatmesh::RunError>>>,
+}
+
+impl TestNode {
+    pub fn start(settings: Settings) -> TestNode {
+        let public = TcpListener::bind("127.0.0.1:0").expect("bind public");
+        let internal = TcpListener::bind("127.0.0.1:0").expect("bind internal");
+        let public_addr = public.local_addr().unwrap();
+        let internal_addr = internal.local_addr().unwrap();
+        let node_id = settings.node_id.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            actix_web::rt::System::new().block_on(chatmesh::run(
+                settings,
+                public,
+                internal,
+                async {
+                    let _ = rx.await;
+                },
+            ))
+        });
+        let node = TestNode {
+            base: format!("http://{public_addr}"),
+            ws: format!("ws://{public_addr}/ws"),
+            internal: format!("http://{internal_addr}"),
+            node_id,
+            shutdown: Some(tx),
+            thread: Some(thread),
+        };
+        node.wait_ready();
+        node
+    }
+
+    /// Polls /readyz until 200, with a deadline.
+    pub fn wait_ready(&self) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Ok(r) = http_blocking("GET", &format!("{}/readyz", self.base), &[], None) {
+                if r.status == 200 {
+                    return;
+                }
+            }
+            if self.thread.as_ref().is_some_and(|t| t.is_finished()) {
+                panic!("node {} exited during start", self.node_id);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {} never became ready",
+                self.node_id
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn ws_url(&self, uid: &str) -> String {
+        format!("{}?uid={uid}", self.ws)
+    }
+
+    /// Graceful shutdown; returns what `run` returned.
+    pub fn stop(mut self) -> Result<(), chatmesh::RunError> {
+        self.stop_inner().expect("node already stopped")
+    }
+
+    fn stop_inner(&mut self) -> Option<Result<(), chatmesh::RunError>> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let thread = self.thread.take()?;
+        Some(thread.join().expect("node thread panicked"))
+    }
+
+    pub fn metric(&self, name: &str) -> f64 {
+        metric_value(
+            &http_blocking("GET", &format!("{}/metrics", self.base), &[], None)
+                .unwrap()
+                .body,
+            name,
+        )
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        let _ = self.stop_inner();
+    }
+}
+
+/// The value of a metric line `name value` (name may include labels).
+pub fn metric_value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            let (n, v) = l.rsplit_once(' ')?;
+            (n == name).then(|| v.parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("metric {name} not found"))
+}
+
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+/// A minimal HTTP/1.1 client (Connection: close), enough for tests.
+pub async fn http(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> std::io::Result<HttpResponse> {
+    let rest = url.strip_prefix("http://").expect("http:// url");
+    let (host, path) = rest
+        .split_once('/')
+        .map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
+    let mut stream = tokio::time::timeout(WAIT, TcpStream::connect(host)).await??;
+    stream
+        .write_all(request_text(method, host, &path, headers, body).as_bytes())
+        .await?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut raw)).await??;
+    Ok(parse_response(&raw))
+}
+
+fn request_text(
+    method: &str,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> String {
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if let Some(b) = body {
+        req.push_str(&format!("Content-Length: {}\r\n", b.len()));
+        if !headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+        {
+            req.push_str("Content-Type: application/json\r\n");
+        }
+    } else if method == "POST" {
+        req.push_str("Content-Length: 0\r\n");
+    }
+    req.push_str("\r\n");
+    if let Some(b) = body {
+        req.push_str(b);
+    }
+    req
+}
+
+fn parse_response(raw: &[u8]) -> HttpResponse {
+    let text = String::from_utf8_lossy(raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    HttpResponse {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// [`http`] from synchronous code (plain std I/O, so it works inside or outside a runtime).
+pub fn http_blocking(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> std::io::Result<HttpResponse> {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").expect("http:// url");
+    let (host, path) = rest
+        .split_once('/')
+        .map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
+    let addr: std::net::SocketAddr = host.parse().map_err(std::io::Error::other)?;
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, WAIT)?;
+    stream.set_read_timeout(Some(WAIT))?;
+    stream.write_all(request_text(method, host, &path, headers, body).as_bytes())?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    Ok(parse_response(&raw))
+}
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A websocket client that speaks only the contract.
+pub struct Client {
+    pub uid: String,
+    pub welcome: Value,
+    ws: Ws,
+}
+
+impl Client {
+    /// Connects as `uid` (development mode) and reads the welcome.
+    pub async fn connect(node: &TestNode, uid: &str) -> Client {
+        Client::connect_url(&node.ws_url(uid), uid).await
+    }
+
+    pub async fn connect_url(url: &str, uid: &str) -> Client {
+        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+            .await
+            .expect("connect timed out")
+            .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+        let mut c = Client {
+            uid: uid.to_owned(),
+            welcome: Value::Null,
+            ws,
+        };
+        let welcome = c.recv().await;
+        assert_eq!(welcome["type"], "welcome", "first frame: {welcome}");
+        assert_eq!(welcome["uid"], uid);
+        c.welcome = welcome;
+        c
+    }
+
+    pub async fn send(&mut self, v: Value) {
+        self.send_text(&v.to_string()).await;
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        tokio::time::timeout(WAIT, self.ws.send(Message::text(text)))
+            .await
+            .expect("send timed out")
+            .expect("send");
+    }
+
+    pub async fn send_raw(&mut self, m: Message) {
+        tokio::time::timeout(WAIT, self.ws.send(m))
+            .await
+            .expect("send timed out")
+            .expect("send");
+    }
+
+    /// The next JSON frame; panics on timeout or close.
+    pub async fn recv(&mut self) -> Value {
+        match self.next_event().await {
+            Event::Frame(v) => v,
+            Event::Closed(c) => panic!(
+                "{}: connection closed ({c:?}) while waiting for a frame",
+                self.uid
+            ),
+        }
+    }
+
+    /// The next frame of this type, skipping others (e.g. presence events).
+    pub async fn recv_type(&mut self, ty: &str) -> Value {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let v = self.recv().await;
+            if v["type"] == ty {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "{}: no {ty} frame", self.uid);
+        }
+    }
+
+    pub async fn next_event(&mut self) -> Event {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let m = tokio::time::timeout(left, self.ws.next())
+                .await
+                .unwrap_or_else(|_| panic!("{}: nothing received within {WAIT:?}", self.uid));
+            match m {
+                Some(Ok(Message::Text(t))) => {
+                    return Event::Frame(
+                        serde_json::from_str(&t)
+                            .unwrap_or_else(|e| panic!("bad JSON from server ({e}): {t}")),
+                    )
+                }
+                Some(Ok(Message::Close(c))) => return Event::Closed(c.map(|c| c.code)),
+                Some(Ok(Message::Binary(_))) => panic!("server sent a binary frame"),
+                Some(Ok(_)) => continue, // ping/pong
+                Some(Err(_)) | None => return Event::Closed(None),
+            }
+        }
+    }
+
+    /// Reads until the connection closes; returns the close code and the frames before it.
+    pub async fn expect_close(&mut self) -> (Option<CloseCode>, Vec<Value>) {
+        let mut frames = Vec::new();
+        loop {
+            match self.next_event().await {
+                Event::Frame(v) => frames.push(v),
+                Event::Closed(c) => return (c, frames),
+            }
+        }
+    }
+
+    /// A direct message; returns the `sent` answer.
+    pub async fn direct(&mut self, to: &str, body: &str, client_id: &str) -> Value {
+        self.send(json!({"type":"direct","to":to,"body":body,"client_id":client_id}))
+            .await;
+        let sent = self.recv_type("sent").await;
+        assert_eq!(sent["client_id"], client_id, "{sent}");
+        sent
+    }
+
+    pub async fn room(&mut self, room: &str, body: &str, client_id: &str) -> Value {
+        self.send(json!({"type":"room","room":room,"body":body,"client_id":client_id}))
+            .await;
+        self.recv_type("sent").await
+    }
+
+    pub async fn join(&mut self, room: &str) {
+        self.send(json!({"type":"join","room":room})).await;
+        let j = self.recv_type("joined").await;
+        assert_eq!(j["room"], room);
+    }
+
+    /// Proves nothing else is queued for this connection: two presence round trips, and
+    /// every frame before the second answer is returned.
+    pub async fn drain(&mut self) -> Vec<Value> {
+        let mut frames = Vec::new();
+        for round in 0..2 {
+            let probe = format!("probe-{round}");
+            self.send(json!({"type":"presence","uids":[probe]})).await;
+            loop {
+                let v = self.recv().await;
+                if v["type"] == "presence" && v["uid"] == probe.as_str() {
+                    break;
+                }
+                frames.push(v);
+            }
+        }
+        frames
+    }
+}
+
+pub enum Event {
+    Frame(Value),
+    Closed(Option<CloseCode>),
+}
+
+/// Polls `cond` until true, failing after `WAIT`.
+pub async fn eventually<F: FnMut() -> bool>(what: &str, mut cond: F) {
+    let deadline = Instant::now() + WAIT;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,124 @@
+//! A private `redis-server` for one test: its own temporary directory and unix socket,
+//! no TCP port, no persistence, killed when the handle is dropped.
+//!
+//! Tests never share a server, so they can run in parallel and flush freely. The
+//! binary is `redis-server` from `PATH`, or the one named by `$REDIS_SERVER`.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a server may take to answer its first PING.
+const START_DEADLINE: Duration = Duration::from_secs(10);
+
+pub struct RedisServer {
+    /// `redis+unix://` URL of the socket.
+    pub url: String,
+    pub socket: PathBuf,
+    child: Child,
+    // Dropped after `child` is killed (see `Drop`), removing the socket and the log.
+    dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    /// Starts a server and returns once it answers PING. Panics (failing the test)
+    /// when it cannot be started, with the server's log in the message.
+    pub fn start() -> RedisServer {
+        let dir = tempfile::TempDir::new().expect("temporary directory for redis-server");
+        let socket = dir.path().join("redis.sock");
+        let child = spawn(dir.path(), &socket);
+        let mut server = RedisServer {
+            url: format!("redis+unix://{}", socket.display()),
+            socket,
+            child,
+            dir,
+        };
+        server.wait_ready();
+        server
+    }
+
+    /// Kills the server; its data is gone (it saves nothing). The socket path stays
+    /// reserved, so [`RedisServer::restart`] brings a server back at the same URL.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+
+    /// Stops the server (if running) and starts an empty one at the same URL, like a
+    /// Redis restart seen by connected clients.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.child = spawn(self.dir.path(), &self.socket);
+        self.wait_ready();
+    }
+
+    /// A blocking connection, for test setup and inspection.
+    pub fn connection(&self) -> ::redis::Connection {
+        ::redis::Client::open(self.url.as_str())
+            .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(5)))
+            .expect("connect to test redis-server")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + START_DEADLINE;
+        let client = ::redis::Client::open(self.url.as_str()).expect("redis url");
+        loop {
+            if let Some(status) = self.child.try_wait().expect("poll redis-server") {
+                panic!(
+                    "redis-server exited with {status} before answering:\n{}",
+                    self.log()
+                );
+            }
+            let pong = client
+                .get_connection_with_timeout(Duration::from_millis(200))
+                .and_then(|mut c| ::redis::cmd("PING").query::<String>(&mut c));
+            if matches!(pong.as_deref(), Ok("PONG")) {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "redis-server did not answer PING within {START_DEADLINE:?} ({pong:?}):\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(dir: &Path, socket: &Path) -> Child {
+    let binary = std::env::var_os("REDIS_SERVER").unwrap_or_else(|| "redis-server".into());
+    Command::new(&binary)
+        .arg("--port")
+        .arg("0")
+        .arg("--unixsocket")
+        .arg(socket)
+        .arg("--unixsocketperm")
+        .arg("700")
+        .arg("--save")
+        .arg("")
+        .arg("--appendonly")
+        .arg("no")
+        .arg("--dir")
+        .arg(dir)
+        .arg("--logfile")
+        .arg(dir.join("redis.log"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {binary:?} (is redis-server installed?): {e}"))
+}
