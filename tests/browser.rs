@@ -2,8 +2,7 @@
 //! websocket client in `static/chat.js`, one-to-one and room chat, reloads (history and
 //! sync), and that message text is never interpreted as HTML.
 //!
-//! Needs Debian's `chromium` (`/usr/bin/chromium`, or `$CHROMIUM`). Set
-//! `CHATMESH_SKIP_BROWSER=1` to skip these tests on a machine without it.
+//! Needs Debian's `chromium` (`/usr/bin/chromium`, or `$CHROMIUM`); `.ci/run` installs it.
 
 mod common;
 
@@ -15,14 +14,6 @@ use serde_json::{json, Value};
 
 /// How long one thing the page should do may take.
 const T: Duration = Duration::from_secs(15);
-
-fn skip() -> bool {
-    if std::env::var_os("CHATMESH_SKIP_BROWSER").is_some_and(|v| !v.is_empty() && v != "0") {
-        eprintln!("CHATMESH_SKIP_BROWSER is set: skipping the browser test");
-        return true;
-    }
-    false
-}
 
 /// Runs an async test body on its own runtime. The node is started outside it:
 /// `TestNode` runs its own actix system and blocks while starting and stopping.
@@ -81,9 +72,6 @@ async fn wait_msg(page: &Page, body: &str, state: &str) -> Value {
 
 #[test]
 fn chat_in_the_browser() {
-    if skip() {
-        return;
-    }
     let node = TestNode::start(settings());
     let base = node.base.clone();
     let node_id = node.node_id.clone();
@@ -274,6 +262,66 @@ fn chat_in_the_browser() {
                 .collect();
             assert!(errors.is_empty(), "uncaught exceptions: {errors:?}");
         }
+    });
+    drop(node);
+}
+
+#[test]
+fn load_older_pages_through_history() {
+    let node = TestNode::start(settings());
+    let base = node.base.clone();
+    run(async {
+        // carol fills a room with 60 messages over a plain websocket.
+        let mut carol = common::Client::connect(&node, "carol").await;
+        carol.join("big").await;
+        for i in 1..=60 {
+            let sent = carol.room("big", &format!("m{i}"), &format!("k{i}")).await;
+            assert_eq!(sent["seq"], i, "{sent}");
+        }
+
+        let browser = Browser::launch().await;
+        let page = browser
+            .new_page(&format!("{base}/chat?uid=dave&room=big"))
+            .await;
+        wait_online(&page).await;
+        const COUNT: &str = "document.querySelectorAll('#messages .msg').length";
+        // The latest page of history (50), then the rest on "load older".
+        page.wait_for(&format!("{COUNT} === 50"), T).await;
+        page.wait_for("!document.getElementById('load-older').hidden", T)
+            .await;
+        assert_eq!(
+            page.eval("document.querySelector('#messages .msg').dataset.seq")
+                .await,
+            "11"
+        );
+        page.click("#load-older").await;
+        page.wait_for(&format!("{COUNT} === 60"), T).await;
+        page.wait_for("document.getElementById('load-older').hidden", T)
+            .await;
+        let seqs = page
+            .eval("Array.from(document.querySelectorAll('#messages .msg')).map(m => Number(m.dataset.seq))")
+            .await;
+        assert_eq!(seqs, json!((1..=60).collect::<Vec<u64>>()));
+        let bodies = page.eval(BODIES).await;
+        assert_eq!(
+            bodies,
+            json!((1..=60).map(|i| format!("m{i}")).collect::<Vec<_>>())
+        );
+        // The cursor kept for the next visit is the newest seq seen.
+        assert_eq!(
+            page.eval("JSON.parse(localStorage.getItem('chatmesh:cursors:dave'))['room:big']")
+                .await,
+            60
+        );
+
+        // Live messages still arrive after paging, at the end.
+        carol.room("big", "m61", "k61").await;
+        wait_msg(&page, "m61", "received").await;
+        assert_eq!(
+            page.eval("document.querySelector('#messages .msg:last-child .body').textContent")
+                .await,
+            "m61"
+        );
     });
     drop(node);
 }

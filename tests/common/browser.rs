@@ -20,6 +20,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -291,6 +292,9 @@ impl Browser {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(stderr))
+            // Its own process group, so that Drop can end Chromium's helper processes
+            // (renderers, zygote) together with it.
+            .process_group(0)
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
 
@@ -402,8 +406,27 @@ impl Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        // SIGKILL to the process group this Browser started (its id is Chromium's pid).
+        let group = format!("-{}", self.child.id());
+        let killed_group = Command::new("kill")
+            .args(["-KILL", "--", &group])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !killed_group {
+            let _ = self.child.kill();
+        }
         let _ = self.child.wait();
+        // Helpers may still be exiting and writing into the profile: retry briefly.
+        for _ in 0..40 {
+            match std::fs::remove_dir_all(self.profile.path()) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    std::thread::sleep(Duration::from_millis(25))
+                }
+                _ => break,
+            }
+        }
     }
 }
 

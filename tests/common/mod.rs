@@ -24,9 +24,10 @@ pub const WAIT: Duration = Duration::from_secs(10);
 
 /// Settings for a test node: small, fast timings, one worker.
 pub fn settings() -> Settings {
-    let mut s = Settings::default();
-    s.workers = 1;
-    s
+    Settings {
+        workers: 1,
+        ..Settings::default()
+    }
 }
 
 /// A node running in its own thread and actix system, on 127.0.0.1 port 0.
@@ -41,6 +42,7 @@ pub struct TestNode {
 
 impl TestNode {
     pub fn start(settings: Settings) -> TestNode {
+        let _ = env_logger::builder().is_test(true).try_init();
         let public = TcpListener::bind("127.0.0.1:0").expect("bind public");
         let internal = TcpListener::bind("127.0.0.1:0").expect("bind internal");
         let public_addr = public.local_addr().unwrap();
@@ -294,6 +296,48 @@ impl Client {
         assert_eq!(welcome["uid"], uid);
         c.welcome = welcome;
         c
+    }
+
+    /// Connects with a small socket receive buffer, for slow-consumer tests.
+    pub async fn connect_with_rcvbuf(node: &TestNode, uid: &str, rcvbuf: u32) -> Client {
+        let addr: std::net::SocketAddr = node.base.trim_start_matches("http://").parse().unwrap();
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(rcvbuf).unwrap();
+        let stream = tokio::time::timeout(WAIT, socket.connect(addr))
+            .await
+            .unwrap()
+            .unwrap();
+        let (ws, _) = tokio::time::timeout(
+            WAIT,
+            tokio_tungstenite::client_async(node.ws_url(uid), MaybeTlsStream::Plain(stream)),
+        )
+        .await
+        .expect("handshake timed out")
+        .expect("handshake");
+        let mut c = Client {
+            uid: uid.to_owned(),
+            welcome: Value::Null,
+            ws,
+        };
+        c.welcome = c.recv().await;
+        assert_eq!(c.welcome["type"], "welcome");
+        c
+    }
+
+    pub async fn try_send_text(&mut self, text: &str) -> Result<(), String> {
+        match tokio::time::timeout(WAIT, self.ws.send(Message::text(text))).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("send timed out".into()),
+        }
+    }
+
+    /// A frame if one is already waiting, without blocking.
+    pub async fn try_recv(&mut self) -> Option<Value> {
+        match tokio::time::timeout(Duration::from_millis(1), self.ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => serde_json::from_str(&t).ok(),
+            _ => None,
+        }
     }
 
     pub async fn send(&mut self, v: Value) {
