@@ -205,7 +205,7 @@ impl Chat {
         let message = Arc::new(appended.message);
         // A resend is delivered again: the first attempt may have timed out before its
         // delivery, and clients deduplicate by (conv, seq).
-        self.deliver(message.clone(), send.origin);
+        self.deliver(message.clone(), appended.nodes, send.origin);
         Ok(Sent {
             client_id: send.client_id,
             conv: message.conv.clone(),
@@ -216,10 +216,15 @@ impl Chat {
     }
 
     /// Hands a stored message to local sessions and, in a cluster, to the peers that
-    /// hold recipients.
-    pub fn deliver(&self, message: Arc<Message>, origin: Option<SessionId>) {
-        if let Some(cluster) = &self.cluster {
-            cluster.route(message.clone());
+    /// hold recipients (`nodes`, as the store's directory said when it stored it).
+    pub fn deliver(
+        &self,
+        message: Arc<Message>,
+        nodes: Option<Vec<String>>,
+        origin: Option<SessionId>,
+    ) {
+        if let (Some(cluster), Some(nodes)) = (&self.cluster, nodes) {
+            cluster.route(message.clone(), nodes);
         }
         self.server.do_send(Fanout {
             message,
@@ -233,7 +238,12 @@ impl Chat {
                 "room must be 1 to 64 characters of A-Z a-z 0-9 _ . -".into(),
             ));
         }
-        self.timed(self.store.join(uid, room)).await?;
+        let changed = self.timed(self.store.join(uid, room)).await?;
+        if let (Some(cluster), true) = (&self.cluster, changed) {
+            cluster.membership_changed(uid, room, true);
+        }
+        // Sent even when already a member: the server ignores what it already knows,
+        // and a membership made on another node becomes known here.
         self.server.do_send(Membership {
             uid: uid.to_owned(),
             room: room.to_owned(),
@@ -248,7 +258,10 @@ impl Chat {
                 "room must be 1 to 64 characters of A-Z a-z 0-9 _ . -".into(),
             ));
         }
-        self.timed(self.store.leave(uid, room)).await?;
+        let changed = self.timed(self.store.leave(uid, room)).await?;
+        if let (Some(cluster), true) = (&self.cluster, changed) {
+            cluster.membership_changed(uid, room, false);
+        }
         self.server.do_send(Membership {
             uid: uid.to_owned(),
             room: room.to_owned(),

@@ -22,8 +22,10 @@
 //! | `chatmesh:dms:{uid}` | SET of conversation ids | the DM conversations `uid` has taken part in |
 //! | `chatmesh:nodes` | ZSET of node ids, score = last heartbeat (unix ms) | the live nodes of the cluster; entries with an old score are dead nodes |
 //! | `chatmesh:node:{id}` | HASH | what other nodes need to know about node `id` (address, start time, ...) |
-//! | `chatmesh:user_nodes:{uid}` | SET of node ids | the nodes that hold at least one connection of `uid` |
-//! | `chatmesh:room_nodes:{room}` | SET of node ids | the nodes that hold at least one connection of a member of `room` |
+//! | `chatmesh:user_nodes:{uid}` | HASH node id -> connection count | the nodes that hold connections of `uid`; a field is removed when its count reaches 0 |
+//! | `chatmesh:room_nodes:{room}` | HASH node id -> connection count | the nodes that hold connections of members of `room` |
+//! | `chatmesh:node_users:{id}` | SET of user ids | the users with a connection on node `id`, so a dead node's entries can be removed |
+//! | `chatmesh:node_rooms:{id}` | SET of room ids | the rooms with a member connected to node `id`, likewise |
 //!
 //! `{conv}` is a conversation id (`dm:A:B` or `room:R`), `{room}` a room id
 //! without the `room:` prefix, `{uid}` a user id, `{id}` a node id.
@@ -76,14 +78,24 @@ pub fn node(id: &str) -> String {
     format!("{PREFIX}node:{id}")
 }
 
-/// Nodes holding a connection of a user (SET of node ids).
+/// Nodes holding connections of a user (HASH node id -> connection count).
 pub fn user_nodes(uid: &str) -> String {
     format!("{PREFIX}user_nodes:{uid}")
 }
 
-/// Nodes holding a connection of a member of a room (SET of node ids).
+/// Nodes holding connections of members of a room (HASH node id -> connection count).
 pub fn room_nodes(room: &str) -> String {
     format!("{PREFIX}room_nodes:{room}")
+}
+
+/// Users with a connection on a node (SET of user ids), for cleaning up after it.
+pub fn node_users(id: &str) -> String {
+    format!("{PREFIX}node_users:{id}")
+}
+
+/// Rooms with a member connected to a node (SET of room ids), for cleaning up after it.
+pub fn node_rooms(id: &str) -> String {
+    format!("{PREFIX}node_rooms:{id}")
 }
 
 #[cfg(test)]
@@ -119,6 +131,8 @@ mod tests {
             node("x"),
             user_nodes("x"),
             room_nodes("x"),
+            node_users("x"),
+            node_rooms("x"),
         ];
         let kinds: std::collections::BTreeSet<&str> = all
             .iter()

@@ -126,6 +126,26 @@ impl<H> Registry<H> {
             .insert(room.to_owned());
     }
 
+    pub fn uid_of(&self, sid: SessionId) -> Option<&str> {
+        self.sessions.get(&sid).map(|e| e.uid.as_str())
+    }
+
+    /// How many connections `uid` has here.
+    pub fn connections_of(&self, uid: &str) -> usize {
+        self.users.get(uid).map_or(0, Vec::len)
+    }
+
+    /// The rooms of a user online here, sorted.
+    pub fn rooms_of(&self, uid: &str) -> Vec<String> {
+        let mut rooms: Vec<String> = self
+            .user_rooms
+            .get(uid)
+            .map(|r| r.iter().cloned().collect())
+            .unwrap_or_default();
+        rooms.sort();
+        rooms
+    }
+
     pub fn is_online(&self, uid: &str) -> bool {
         self.users.contains_key(uid)
     }

@@ -9,6 +9,7 @@ use actix::prelude::*;
 use actix_web_actors::ws::CloseCode;
 use bytestring::ByteString;
 
+use crate::cluster::directory::LocalUser;
 use crate::cluster::ClusterEvent;
 use crate::metrics::Metrics;
 use crate::protocol::{Message as ChatMessage, ServerFrame};
@@ -54,6 +55,8 @@ pub struct Connect {
 #[rtype(result = "()")]
 pub struct Disconnect {
     pub sid: SessionId,
+    /// The connection was counted in the cluster directory and must be uncounted.
+    pub in_directory: bool,
 }
 
 /// A membership change that the store has already accepted.
@@ -91,16 +94,15 @@ pub struct LocalOnline {
     pub uids: Vec<String>,
 }
 
-/// Users online here and the rooms with members online here, so the cluster directory
-/// can be rebuilt after Redis lost it.
+/// Users online here with their connection counts and rooms, so the cluster directory
+/// can be written again after Redis lost it.
 #[derive(Message)]
 #[rtype(result = "LocalSnapshot")]
 pub struct Snapshot;
 
 #[derive(Debug, Default, Clone, MessageResponse)]
 pub struct LocalSnapshot {
-    pub users: Vec<String>,
-    pub rooms: Vec<String>,
+    pub users: Vec<LocalUser>,
 }
 
 /// Closes every session with 1012 (service restart); answers how many there were.
@@ -114,6 +116,9 @@ pub struct Shutdown;
 pub struct AttachCluster {
     pub events: Recipient<ClusterEvent>,
 }
+
+/// Mailbox bound of the ChatServer and the ClusterBridge.
+pub const MAILBOX_CAPACITY: usize = 65_536;
 
 pub struct ChatServer {
     registry: Registry<SessionHandle>,
@@ -178,9 +183,10 @@ impl Actor for ChatServer {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        // Peer deliveries and session events can come in bursts; the default mailbox of 16
-        // would only add back-pressure where senders use do_send anyway.
-        ctx.set_mailbox_capacity(usize::MAX);
+        // Senders that await (`send`) wait for room; `do_send` (fan-out, session
+        // events) is bounded by its sources: one request in flight per connection and
+        // bounded peer batches.
+        ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
     }
 }
 
@@ -197,19 +203,11 @@ impl Handler<Connect> for ChatServer {
         let first = self
             .registry
             .connect(msg.sid, &msg.uid, &msg.rooms, msg.handle);
-        if first {
-            match &self.cluster {
-                // The cluster decides whether this is the first connection anywhere and
-                // sends the presence event back to every node with members online.
-                Some(cluster) => cluster.do_send(ClusterEvent::UserOnline {
-                    uid: msg.uid.clone(),
-                    rooms: msg.rooms.clone(),
-                }),
-                None => {
-                    for room in &msg.rooms {
-                        self.room_presence(room, &msg.uid, true);
-                    }
-                }
+        // In a cluster the session announces the user once the directory says this is
+        // their first connection anywhere; a single node knows it here.
+        if first && self.cluster.is_none() {
+            for room in &msg.rooms {
+                self.room_presence(room, &msg.uid, true);
             }
         }
         first
@@ -220,22 +218,25 @@ impl Handler<Disconnect> for ChatServer {
     type Result = ();
 
     fn handle(&mut self, msg: Disconnect, _: &mut Context<Self>) {
+        let Some(uid) = self.registry.uid_of(msg.sid).map(str::to_owned) else {
+            return;
+        };
+        // The rooms this connection was counted in, read before it is removed.
+        let rooms = self.registry.rooms_of(&uid);
         let Some(departure) = self.registry.disconnect(msg.sid) else {
             return;
         };
-        if !departure.last {
-            return;
-        }
         match &self.cluster {
-            Some(cluster) => cluster.do_send(ClusterEvent::UserOffline {
-                uid: departure.uid,
-                rooms: departure.rooms,
-            }),
-            None => {
+            Some(cluster) if msg.in_directory => {
+                cluster.do_send(ClusterEvent::Disconnected { uid, rooms });
+            }
+            Some(_) => {}
+            None if departure.last => {
                 for room in &departure.rooms {
                     self.room_presence(room, &departure.uid, false);
                 }
             }
+            None => {}
         }
     }
 }
@@ -244,18 +245,22 @@ impl Handler<Membership> for ChatServer {
     type Result = ();
 
     fn handle(&mut self, msg: Membership, _: &mut Context<Self>) {
-        let online = self.registry.is_online(&msg.uid);
+        let connections = self.registry.connections_of(&msg.uid) as i64;
+        let was_member = self.registry.rooms_of(&msg.uid).contains(&msg.room);
         if msg.joined {
             self.registry.join(&msg.uid, &msg.room);
         } else {
             self.registry.leave(&msg.uid, &msg.room);
         }
-        if online {
+        if connections > 0 && was_member != msg.joined {
             if let Some(cluster) = &self.cluster {
-                cluster.do_send(ClusterEvent::Membership {
-                    uid: msg.uid,
+                cluster.do_send(ClusterEvent::RoomDelta {
                     room: msg.room,
-                    joined: msg.joined,
+                    delta: if msg.joined {
+                        connections
+                    } else {
+                        -connections
+                    },
                 });
             }
         }
@@ -307,8 +312,15 @@ impl Handler<Snapshot> for ChatServer {
 
     fn handle(&mut self, _: Snapshot, _: &mut Context<Self>) -> LocalSnapshot {
         LocalSnapshot {
-            users: self.registry.users().map(str::to_owned).collect(),
-            rooms: self.registry.rooms().map(str::to_owned).collect(),
+            users: self
+                .registry
+                .users()
+                .map(|uid| LocalUser {
+                    uid: uid.to_owned(),
+                    connections: self.registry.connections_of(uid),
+                    rooms: self.registry.rooms_of(uid),
+                })
+                .collect(),
         }
     }
 }

@@ -39,6 +39,7 @@ pub struct WsSession {
     /// A fragmented message being reassembled (text only), bounded by the frame limit.
     fragments: Option<(bool, BytesMut)>,
     registered: bool,
+    in_directory: bool,
 }
 
 impl WsSession {
@@ -60,6 +61,7 @@ impl WsSession {
             overflowed: Arc::new(AtomicBool::new(false)),
             fragments: None,
             registered: false,
+            in_directory: false,
         }
     }
 
@@ -336,22 +338,32 @@ impl Actor for WsSession {
         // message frame can overtake the welcome.
         ctx.wait(
             async move {
-                let rooms = chat.rooms_of(&uid).await?;
+                let rooms = chat.rooms_of(&uid).await.map_err(|e| (e, false))?;
                 chat.server
                     .send(Connect {
                         sid,
-                        uid,
+                        uid: uid.clone(),
                         rooms: rooms.clone(),
                         handle,
                     })
                     .await
-                    .map_err(|e| ChatError::Unavailable(e.to_string()))?;
-                Ok::<_, ChatError>(rooms)
+                    .map_err(|e| (ChatError::Unavailable(e.to_string()), false))?;
+                // Registered here first, then in the directory: from then on every
+                // stored message that concerns this user is routed to this node.
+                let in_directory = match &chat.cluster {
+                    Some(cluster) => match cluster.connected(&uid, &rooms).await {
+                        Ok(()) => true,
+                        Err(e) => return Err((e, true)),
+                    },
+                    None => false,
+                };
+                Ok::<_, (ChatError, bool)>((rooms, in_directory))
             }
             .into_actor(self)
             .map(|r, act, ctx| match r {
-                Ok(rooms) => {
+                Ok((rooms, in_directory)) => {
                     act.registered = true;
+                    act.in_directory = in_directory;
                     log::debug!("session {} ({}) connected", act.sid, act.uid);
                     let node = act.chat.node_id.clone();
                     act.write(
@@ -363,7 +375,8 @@ impl Actor for WsSession {
                         },
                     );
                 }
-                Err(e) => {
+                Err((e, registered_locally)) => {
+                    act.registered = registered_locally;
                     act.chat_error(ctx, &e, None);
                     act.close(ctx, CloseCode::Again, "store unavailable, try again");
                 }
@@ -374,7 +387,10 @@ impl Actor for WsSession {
     fn stopping(&mut self, _: &mut Self::Context) -> Running {
         self.chat.metrics.connections.dec();
         if self.registered {
-            self.chat.server.do_send(Disconnect { sid: self.sid });
+            self.chat.server.do_send(Disconnect {
+                sid: self.sid,
+                in_directory: self.in_directory,
+            });
         }
         Running::Stop
     }

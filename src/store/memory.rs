@@ -122,6 +122,7 @@ impl Store for MemoryStore {
                 return Ok(Appended {
                     message: first.clone(),
                     duplicate: true,
+                    nodes: None,
                 });
             }
         }
@@ -174,6 +175,7 @@ impl Store for MemoryStore {
         Ok(Appended {
             message,
             duplicate: false,
+            nodes: None,
         })
     }
 

@@ -42,6 +42,12 @@ pub struct Appended {
     pub message: Message,
     /// True when the client id was seen before: `message` is the one stored then.
     pub duplicate: bool,
+    /// Where the store also keeps the cluster directory (Redis): the nodes holding a
+    /// connection of a recipient (or of the sender's other devices), read in the same
+    /// atomic step as the append. A connection registered after that step reads the
+    /// message through its own sync, so none falls between the two. `None` for a
+    /// store without a directory (a single node delivers locally).
+    pub nodes: Option<Vec<String>>,
 }
 
 /// Which part of a conversation to read.

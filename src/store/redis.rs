@@ -54,16 +54,28 @@ const MAX_TTL_MS: u64 = 1 << 40;
 /// KEYS: 1 seq counter, 2 log, then the optional keys whose positions ARGV[1..3] give
 /// (0 = absent): idempotency key, room members set, the first of two DM sets.
 /// ARGV: 4 sender, 5 JSON before the seq, 6 JSON after the seq, 7 messages to keep,
-/// 8 idempotency TTL in ms, 9 conversation id.
-/// Returns {'ok', seq}, {'dup', first message JSON} or {'not_member'}.
+/// 8 idempotency TTL in ms, 9 conversation id, 10 position of the first directory
+/// hash to read (`user_nodes`/`room_nodes`), 11 how many follow it.
+/// Returns {'ok', seq, node...}, {'dup', first message JSON, node...} or
+/// {'not_member'}: the nodes are the fields of the directory hashes, read in the same
+/// step so that routing sees exactly the connections registered before the append.
 const APPEND_LUA: &str = r#"
 local idem = tonumber(ARGV[1])
 local members = tonumber(ARGV[2])
 local dms = tonumber(ARGV[3])
+local function route(out)
+  local from, count = tonumber(ARGV[10]), tonumber(ARGV[11])
+  for i = from, from + count - 1 do
+    for _, node in ipairs(redis.call('HKEYS', KEYS[i])) do
+      table.insert(out, node)
+    end
+  end
+  return out
+end
 if idem > 0 then
   local first = redis.call('GET', KEYS[idem])
   if first then
-    return {'dup', first}
+    return route({'dup', first})
   end
 end
 if members > 0 and redis.call('SISMEMBER', KEYS[members], ARGV[4]) == 0 then
@@ -87,7 +99,7 @@ end
 if idem > 0 then
   redis.call('SET', KEYS[idem], json, 'PX', ARGV[8])
 end
-return {'ok', seq}
+return route({'ok', seq})
 "#;
 
 /// KEYS: seq counter and log of each request, in pairs.
@@ -272,6 +284,22 @@ fn split_at_seq(message: &Message) -> Result<(String, String), StoreError> {
     Ok((json[..at].to_owned(), json[at + 1..].to_owned()))
 }
 
+/// Node ids from the directory, without repeats (a user's own node appears in both
+/// DM hashes).
+fn parse_nodes(values: &[Value]) -> Result<Vec<String>, StoreError> {
+    let mut nodes: Vec<String> = Vec::with_capacity(values.len());
+    for v in values {
+        let Value::BulkString(raw) = v else {
+            return Err(corrupt(format!("directory entry is {v:?}")));
+        };
+        let node = String::from_utf8_lossy(raw);
+        if !nodes.iter().any(|n| *n == node) {
+            nodes.push(node.into_owned());
+        }
+    }
+    Ok(nodes)
+}
+
 fn lua_int(n: u64) -> u64 {
     n.min(LUA_MAX_INT)
 }
@@ -365,6 +393,15 @@ impl Store for RedisStore {
             }
             _ => 0,
         };
+        // The directory hashes of everyone who should get the message.
+        let route_keys: Vec<String> = match (&message.room, &message.to) {
+            (Some(room), _) => vec![keys::room_nodes(room)],
+            (None, Some(to)) => vec![keys::user_nodes(to), keys::user_nodes(&message.from)],
+            (None, None) => Vec::new(),
+        };
+        let route_from = script_keys.len() + 1;
+        let route_count = route_keys.len();
+        script_keys.extend(route_keys);
         let ttl_ms = u64::try_from(self.limits.idempotency_ttl.as_millis())
             .unwrap_or(u64::MAX)
             .clamp(1, MAX_TTL_MS);
@@ -379,12 +416,14 @@ impl Store for RedisStore {
             .arg(tail)
             .arg(lua_limit(self.limits.history_per_conv))
             .arg(ttl_ms)
-            .arg(&message.conv);
+            .arg(&message.conv)
+            .arg(route_from)
+            .arg(route_count);
 
         let mut conn = self.conn.clone();
         let reply: Vec<Value> = invocation.invoke_async(&mut conn).await.map_err(map_err)?;
         match reply.as_slice() {
-            [Value::BulkString(tag), Value::Int(seq)] if tag == b"ok" => {
+            [Value::BulkString(tag), Value::Int(seq), nodes @ ..] if tag == b"ok" => {
                 message.seq = u64::try_from(*seq)
                     .ok()
                     .filter(|&s| s > 0)
@@ -392,12 +431,16 @@ impl Store for RedisStore {
                 Ok(Appended {
                     message,
                     duplicate: false,
+                    nodes: Some(parse_nodes(nodes)?),
                 })
             }
-            [Value::BulkString(tag), Value::BulkString(first)] if tag == b"dup" => Ok(Appended {
-                message: parse_message(first)?,
-                duplicate: true,
-            }),
+            [Value::BulkString(tag), Value::BulkString(first), nodes @ ..] if tag == b"dup" => {
+                Ok(Appended {
+                    message: parse_message(first)?,
+                    duplicate: true,
+                    nodes: Some(parse_nodes(nodes)?),
+                })
+            }
             [Value::BulkString(tag)] if tag == b"not_member" => Err(StoreError::NotMember {
                 uid: message.from,
                 room: message.room.unwrap_or_default(),

@@ -298,6 +298,16 @@ impl Client {
         c
     }
 
+    /// The next frame whose type is one of `types`.
+    pub async fn recv_type_of(&mut self, types: &[&str]) -> Value {
+        loop {
+            let v = self.recv().await;
+            if types.iter().any(|t| v["type"] == *t) {
+                return v;
+            }
+        }
+    }
+
     /// Connects with a small socket receive buffer, for slow-consumer tests.
     pub async fn connect_with_rcvbuf(node: &TestNode, uid: &str, rcvbuf: u32) -> Client {
         let addr: std::net::SocketAddr = node.base.trim_start_matches("http://").parse().unwrap();
@@ -465,5 +475,101 @@ pub async fn eventually<F: FnMut() -> bool>(what: &str, mut cond: F) {
     while !cond() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Settings for a cluster node on `redis_url`, with fast heartbeats.
+pub fn cluster_settings(redis_url: &str, node_id: &str) -> Settings {
+    let mut s = settings();
+    s.redis_url = Some(redis_url.to_owned());
+    s.cluster_secret = Some("test-cluster-secret".into());
+    s.node_id = node_id.to_owned();
+    s.heartbeat = Duration::from_millis(100);
+    s.node_ttl = Duration::from_millis(1000);
+    s
+}
+
+/// A free loopback port (bound and released; good enough for tests on one machine).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A node running as its own `chatmesh` process, for tests that must kill it.
+pub struct ProcessNode {
+    pub base: String,
+    pub ws: String,
+    pub node_id: String,
+    child: std::process::Child,
+}
+
+impl ProcessNode {
+    pub fn start(redis_url: &str, node_id: &str) -> ProcessNode {
+        let public = free_port();
+        let internal = free_port();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_chatmesh"))
+            .args(["--listen", &format!("127.0.0.1:{public}")])
+            .args(["--internal-listen", &format!("127.0.0.1:{internal}")])
+            .args(["--redis-url", redis_url])
+            .args(["--cluster-secret", "test-cluster-secret"])
+            .args(["--node-id", node_id])
+            .args([
+                "--heartbeat-ms",
+                "100",
+                "--node-ttl-ms",
+                "1000",
+                "--workers",
+                "1",
+            ])
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn chatmesh");
+        let node = ProcessNode {
+            base: format!("http://127.0.0.1:{public}"),
+            ws: format!("ws://127.0.0.1:{public}/ws"),
+            node_id: node_id.to_owned(),
+            child,
+        };
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Ok(r) = http_blocking("GET", &format!("{}/readyz", node.base), &[], None) {
+                if r.status == 200 {
+                    return node;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "process node {node_id} never became ready"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn ws_url(&self, uid: &str) -> String {
+        format!("{}?uid={uid}", self.ws)
+    }
+
+    /// SIGKILL: no goodbye, no deregistration.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait; returns the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.child.wait().ok().and_then(|s| s.code())
+    }
+}
+
+impl Drop for ProcessNode {
+    fn drop(&mut self) {
+        self.kill();
     }
 }

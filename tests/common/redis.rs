@@ -17,6 +17,7 @@ pub struct RedisServer {
     pub url: String,
     pub socket: PathBuf,
     child: Child,
+    aof: bool,
     // Dropped after `child` is killed (see `Drop`), removing the socket and the log.
     dir: tempfile::TempDir,
 }
@@ -25,13 +26,24 @@ impl RedisServer {
     /// Starts a server and returns once it answers PING. Panics (failing the test)
     /// when it cannot be started, with the server's log in the message.
     pub fn start() -> RedisServer {
+        Self::start_with(false)
+    }
+
+    /// Like [`RedisServer::start`] with an append-only file fsynced on every write,
+    /// so a killed and restarted server comes back with every acknowledged write.
+    pub fn start_aof() -> RedisServer {
+        Self::start_with(true)
+    }
+
+    fn start_with(aof: bool) -> RedisServer {
         let dir = tempfile::TempDir::new().expect("temporary directory for redis-server");
         let socket = dir.path().join("redis.sock");
-        let child = spawn(dir.path(), &socket);
+        let child = spawn(dir.path(), &socket, aof);
         let mut server = RedisServer {
             url: format!("redis+unix://{}", socket.display()),
             socket,
             child,
+            aof,
             dir,
         };
         server.wait_ready();
@@ -46,12 +58,22 @@ impl RedisServer {
         let _ = std::fs::remove_file(&self.socket);
     }
 
-    /// Stops the server (if running) and starts an empty one at the same URL, like a
-    /// Redis restart seen by connected clients.
+    /// Stops the server (if running) and starts one at the same URL, like a Redis
+    /// restart seen by connected clients: empty, or with its data when it has an AOF.
     pub fn restart(&mut self) {
         self.stop();
-        self.child = spawn(self.dir.path(), &self.socket);
+        self.child = spawn(self.dir.path(), &self.socket, self.aof);
         self.wait_ready();
+    }
+
+    /// Freezes the server (SIGSTOP): connections stay open, nothing is answered.
+    pub fn pause(&self) {
+        signal(self.child.id(), "STOP");
+    }
+
+    /// Thaws a paused server (SIGCONT).
+    pub fn resume(&self) {
+        signal(self.child.id(), "CONT");
     }
 
     /// A blocking connection, for test setup and inspection.
@@ -99,7 +121,16 @@ impl Drop for RedisServer {
     }
 }
 
-fn spawn(dir: &Path, socket: &Path) -> Child {
+fn signal(pid: u32, sig: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{sig} {pid} failed");
+}
+
+fn spawn(dir: &Path, socket: &Path, aof: bool) -> Child {
     let binary = std::env::var_os("REDIS_SERVER").unwrap_or_else(|| "redis-server".into());
     Command::new(&binary)
         .arg("--port")
@@ -111,7 +142,9 @@ fn spawn(dir: &Path, socket: &Path) -> Child {
         .arg("--save")
         .arg("")
         .arg("--appendonly")
-        .arg("no")
+        .arg(if aof { "yes" } else { "no" })
+        .arg("--appendfsync")
+        .arg("always")
         .arg("--dir")
         .arg(dir)
         .arg("--logfile")

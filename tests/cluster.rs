@@ -1,0 +1,468 @@
+//! Cluster mode: several nodes on one real redis-server (started by the test).
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::redis::RedisServer;
+use common::{cluster_settings, http, Client, ProcessNode, TestNode};
+use serde_json::json;
+
+fn node(redis: &RedisServer, id: &str) -> TestNode {
+    TestNode::start(cluster_settings(&redis.url, id))
+}
+
+#[tokio::test]
+async fn cross_node_direct_and_multi_device_cost_one_peer_message_per_node() {
+    let redis = RedisServer::start();
+    let a = node(&redis, "node-a");
+    let b = node(&redis, "node-b");
+    let c = node(&redis, "node-c");
+    let mut alice = Client::connect(&a, "alice").await;
+    assert_eq!(alice.welcome["node"], "node-a");
+    let mut alice_phone = Client::connect(&b, "alice").await;
+    let mut bob = Client::connect(&b, "bob").await;
+    let mut bob_laptop = Client::connect(&b, "bob").await;
+
+    let sent = alice.direct("bob", "across nodes", "k1").await;
+    for c in [&mut bob, &mut bob_laptop, &mut alice_phone] {
+        let m = c.recv_type("message").await;
+        assert_eq!(m["body"], "across nodes");
+        assert_eq!(m["seq"], sent["seq"]);
+        assert_eq!(m["id"], sent["id"]);
+    }
+    assert!(alice.drain().await.is_empty(), "no echo");
+    // one message to node-b, which holds three recipients; nothing to node-c
+    assert_eq!(a.metric("chatmesh_peer_messages_total"), 1.0);
+    assert_eq!(a.metric("chatmesh_peer_posts_total"), 1.0);
+    assert_eq!(c.metric("chatmesh_peer_received_total"), 0.0);
+    assert_eq!(b.metric("chatmesh_peer_received_total"), 1.0);
+
+    // and back
+    bob.direct("alice", "reply", "b1").await;
+    assert_eq!(alice.recv_type("message").await["body"], "reply");
+    assert_eq!(alice_phone.recv_type("message").await["body"], "reply");
+    assert_eq!(b.metric("chatmesh_peer_messages_total"), 1.0);
+}
+
+#[tokio::test]
+async fn dm_to_a_user_on_one_node_costs_exactly_one_peer_message() {
+    let redis = RedisServer::start();
+    let a = node(&redis, "node-a");
+    let b = node(&redis, "node-b");
+    let c = node(&redis, "node-c");
+    let mut alice = Client::connect(&a, "alice").await;
+    let mut bob = Client::connect(&b, "bob").await;
+    let _carol = Client::connect(&c, "carol").await;
+    alice.direct("bob", "just you", "k").await;
+    assert_eq!(bob.recv_type("message").await["body"], "just you");
+    assert_eq!(a.metric("chatmesh_peer_messages_total"), 1.0);
+    assert_eq!(c.metric("chatmesh_peer_received_total"), 0.0);
+    // to an offline user: stored, no peer message at all
+    alice.direct("dave", "later", "k2").await;
+    assert_eq!(a.metric("chatmesh_peer_messages_total"), 1.0);
+}
+
+#[tokio::test]
+async fn room_message_to_30_members_on_two_other_nodes_costs_two() {
+    let redis = RedisServer::start();
+    let a = node(&redis, "node-a");
+    let b = node(&redis, "node-b");
+    let c = node(&redis, "node-c");
+    let mut sender = Client::connect(&a, "sender").await;
+    sender.join("big").await;
+    let mut members = Vec::new();
+    for i in 0..30 {
+        let n = if i % 2 == 0 { &b } else { &c };
+        let mut m = Client::connect(n, &format!("m{i}")).await;
+        m.join("big").await;
+        members.push(m);
+    }
+    let sent = sender.room("big", "hello all", "k").await;
+    for m in &mut members {
+        let got = m.recv_type("message").await;
+        assert_eq!(
+            (got["body"].as_str(), got["seq"].clone()),
+            (Some("hello all"), sent["seq"].clone())
+        );
+    }
+    assert_eq!(
+        a.metric("chatmesh_peer_messages_total"),
+        2.0,
+        "once per node, whatever the member count"
+    );
+    assert_eq!(b.metric("chatmesh_peer_received_total"), 1.0);
+    assert_eq!(c.metric("chatmesh_peer_received_total"), 1.0);
+}
+
+#[tokio::test]
+async fn resend_to_another_node_is_deduplicated() {
+    let redis = RedisServer::start();
+    let a = node(&redis, "node-a");
+    let b = node(&redis, "node-b");
+    let mut on_a = Client::connect(&a, "alice").await;
+    let first = on_a.direct("bob", "once", "same-id").await;
+    drop(on_a);
+    let mut on_b = Client::connect(&b, "alice").await;
+    let again = on_b.direct("bob", "once", "same-id").await;
+    assert_eq!(first, again);
+    let mut bob = Client::connect(&b, "bob").await;
+    bob.send(json!({"type":"history","conv":"dm:alice:bob"}))
+        .await;
+    assert_eq!(
+        bob.recv_type("history").await["messages"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn three_nodes_fifty_each_into_one_room() {
+    let redis = RedisServer::start();
+    let nodes = [node(&redis, "n1"), node(&redis, "n2"), node(&redis, "n3")];
+    let mut clients = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        let mut c = Client::connect(n, &format!("u{i}")).await;
+        c.join("race").await;
+        clients.push(c);
+    }
+    let mut tasks = Vec::new();
+    for (i, mut c) in clients.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            for k in 0..50 {
+                c.send(json!({"type":"room","room":"race","body":format!("{i}-{k}"),"client_id":format!("k{k}")}))
+                    .await;
+            }
+            let (mut mine, mut others) = (Vec::new(), Vec::new());
+            while mine.len() < 50 || others.len() < 100 {
+                let f = c.recv().await;
+                match f["type"].as_str() {
+                    Some("sent") => mine.push(f["seq"].as_u64().unwrap()),
+                    Some("message") => others.push((f["from"].as_str().unwrap().to_owned(), f["seq"].as_u64().unwrap())),
+                    _ => {}
+                }
+            }
+            // and nothing more: exactly the others' 100
+            let extra: Vec<_> = c.drain().await.into_iter().filter(|f| f["type"] == "message").collect();
+            assert!(extra.is_empty(), "duplicates: {extra:?}");
+            (i, mine, others)
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        let (i, mine, others) = t.await.unwrap();
+        assert!(others.iter().all(|(from, _)| *from != format!("u{i}")));
+        let distinct: BTreeSet<u64> = others.iter().map(|(_, s)| *s).collect();
+        assert_eq!(distinct.len(), 100);
+        all.extend(mine);
+    }
+    all.sort_unstable();
+    assert_eq!(all, (1..=150).collect::<Vec<u64>>());
+}
+
+#[tokio::test]
+async fn peer_api_needs_the_cluster_secret() {
+    let redis = RedisServer::start();
+    let a = node(&redis, "node-a");
+    let mut bob = Client::connect(&a, "bob").await;
+    let batch = json!({"from":"intruder","messages":[{"conv":"dm:bob:eve","seq":1,"id":"x","from":"eve","to":"bob","body":"forged","ts":1}]}).to_string();
+    let url = format!("{}/internal/deliver", a.internal);
+    for headers in [
+        vec![],
+        vec![("Authorization", "Bearer wrong")],
+        vec![("Authorization", "test-cluster-secret")],
+    ] {
+        let r = http("POST", &url, &headers, Some(&batch)).await.unwrap();
+        assert_eq!(r.status, 401);
+        assert_eq!(r.json()["error"], "unauthorized");
+    }
+    assert!(bob.drain().await.is_empty(), "nothing delivered");
+    let r = http(
+        "POST",
+        &url,
+        &[("Authorization", "Bearer test-cluster-secret")],
+        Some(&batch),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        bob.recv_type("message").await["body"],
+        "forged",
+        "the right secret is accepted"
+    );
+    let r = http(
+        "POST",
+        &url,
+        &[("Authorization", "Bearer test-cluster-secret")],
+        Some("{nope"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 400);
+}
+
+#[tokio::test]
+async fn presence_across_nodes() {
+    let redis = RedisServer::start();
+    let a = node(&redis, "node-a");
+    let b = node(&redis, "node-b");
+    let mut alice = Client::connect(&a, "alice").await;
+    alice.join("lobby").await;
+    {
+        let mut bob = Client::connect(&b, "bob").await;
+        bob.join("lobby").await;
+    }
+    // bob's first connection anywhere is announced to members on other nodes
+    let bob = Client::connect(&b, "bob").await;
+    let mut seen = Vec::new();
+    while seen.last() != Some(&json!({"type":"presence","room":"lobby","uid":"bob","online":true}))
+    {
+        seen.push(alice.recv_type("presence").await);
+    }
+    alice
+        .send(json!({"type":"presence","uids":["bob","nobody"]}))
+        .await;
+    assert_eq!(
+        alice.recv().await,
+        json!({"type":"presence","uid":"bob","online":true})
+    );
+    assert_eq!(
+        alice.recv().await,
+        json!({"type":"presence","uid":"nobody","online":false})
+    );
+    // a second device on another node is not a new arrival; the last one leaving is
+    let bob_a = Client::connect(&a, "bob").await;
+    drop(bob);
+    bob_a.welcome.get("uid").unwrap();
+    drop(bob_a);
+    assert_eq!(
+        alice.recv_type("presence").await,
+        json!({"type":"presence","room":"lobby","uid":"bob","online":false})
+    );
+}
+
+#[tokio::test]
+async fn membership_made_on_one_node_reaches_the_users_other_nodes() {
+    let redis = RedisServer::start();
+    let a = node(&redis, "node-a");
+    let b = node(&redis, "node-b");
+    let mut carol = Client::connect(&a, "carol").await;
+    carol.join("lobby").await;
+    let mut alice_a = Client::connect(&a, "alice").await;
+    let mut alice_b = Client::connect(&b, "alice").await;
+    alice_a.join("lobby").await;
+    // wait until node-b has counted alice's connection there for the room
+    let mut conn = redis.connection();
+    common::eventually("node-b to carry the room for alice", || {
+        let n: Option<i64> = ::redis::cmd("HGET")
+            .arg("chatmesh:room_nodes:lobby")
+            .arg("node-b")
+            .query(&mut conn)
+            .unwrap();
+        n == Some(1)
+    })
+    .await;
+    carol.room("lobby", "welcome alice", "c1").await;
+    assert_eq!(alice_a.recv_type("message").await["body"], "welcome alice");
+    assert_eq!(alice_b.recv_type("message").await["body"], "welcome alice");
+}
+
+#[tokio::test]
+async fn a_killed_node_loses_nothing_that_was_sent() {
+    let redis = RedisServer::start();
+    let a = node(&redis, "node-a");
+    let mut doomed = ProcessNode::start(&redis.url, "node-doomed");
+    let mut alice = Client::connect(&a, "alice").await;
+    let mut bob = Client::connect_url(&doomed.ws_url("bob"), "bob").await;
+    let mut sent = Vec::new();
+    for i in 0..20 {
+        sent.push(
+            alice
+                .direct("bob", &format!("m{i}"), &format!("k{i}"))
+                .await["seq"]
+                .as_u64()
+                .unwrap(),
+        );
+    }
+    // bob read some of them, then his node dies without a goodbye
+    let first = bob.recv_type("message").await["seq"].as_u64().unwrap();
+    doomed.kill();
+    // more messages while the node is dead (before and after it is noticed)
+    for i in 20..30 {
+        sent.push(
+            alice
+                .direct("bob", &format!("m{i}"), &format!("k{i}"))
+                .await["seq"]
+                .as_u64()
+                .unwrap(),
+        );
+    }
+    common::eventually("node-a to notice the dead node", || {
+        common::http_blocking("GET", &format!("{}/readyz", a.base), &[], None).is_ok()
+            && a.metric("chatmesh_peer_queue_depth") == 0.0
+    })
+    .await;
+    alice.send(json!({"type":"presence","uids":["bob"]})).await;
+    let mut online = alice.recv().await["online"].as_bool().unwrap();
+    while online {
+        alice.send(json!({"type":"presence","uids":["bob"]})).await;
+        online = alice.recv().await["online"].as_bool().unwrap();
+    }
+    // bob reconnects to the surviving node and catches up from his cursor
+    let mut bob = Client::connect(&a, "bob").await;
+    bob.send(json!({"type":"sync","cursors":{"dm:alice:bob": first}}))
+        .await;
+    let mut got = Vec::new();
+    loop {
+        let f = bob.recv().await;
+        if f["type"] == "synced" {
+            break;
+        }
+        got.push(f["seq"].as_u64().unwrap());
+    }
+    let expected: Vec<u64> = sent.iter().copied().filter(|s| *s > first).collect();
+    assert_eq!(got, expected);
+}
+
+#[tokio::test]
+async fn paused_redis_gives_unavailable_and_the_retry_lands_once() {
+    let redis = RedisServer::start();
+    let mut s = cluster_settings(&redis.url, "node-a");
+    s.store_timeout = std::time::Duration::from_millis(300);
+    let a = TestNode::start(s);
+    let mut alice = Client::connect(&a, "alice").await;
+    let mut bob = Client::connect(&a, "bob").await;
+    alice.direct("bob", "before", "k0").await;
+    bob.recv_type("message").await;
+    redis.pause();
+    alice
+        .send(json!({"type":"direct","to":"bob","body":"during","client_id":"k1"}))
+        .await;
+    let e = alice.recv().await;
+    assert_eq!(
+        (
+            e["type"].as_str(),
+            e["code"].as_str(),
+            e["client_id"].as_str()
+        ),
+        (Some("error"), Some("unavailable"), Some("k1"))
+    );
+    let r = http("GET", &format!("{}/readyz", a.base), &[], None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 503);
+    redis.resume();
+    common::eventually("readyz again", || {
+        common::http_blocking("GET", &format!("{}/readyz", a.base), &[], None)
+            .is_ok_and(|r| r.status == 200)
+    })
+    .await;
+    let sent = alice.direct("bob", "during", "k1").await;
+    assert_eq!(sent["seq"], 2);
+    let m = bob.recv_type("message").await;
+    assert_eq!(
+        (m["body"].as_str(), m["seq"].as_u64()),
+        (Some("during"), Some(2))
+    );
+    bob.send(json!({"type":"history","conv":"dm:alice:bob"}))
+        .await;
+    let h = bob.recv_type("history").await;
+    let bodies: Vec<&str> = h["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["body"].as_str().unwrap())
+        .collect();
+    assert_eq!(bodies, vec!["before", "during"], "stored exactly once");
+}
+
+#[tokio::test]
+async fn redis_killed_and_restarted_with_aof_keeps_seqs_going() {
+    let mut redis = RedisServer::start_aof();
+    let a = node(&redis, "node-a");
+    let b = node(&redis, "node-b");
+    let mut alice = Client::connect(&a, "alice").await;
+    alice.join("lobby").await;
+    let mut bob = Client::connect(&b, "bob").await;
+    bob.join("lobby").await;
+    for i in 1..=5 {
+        assert_eq!(
+            alice
+                .room("lobby", &format!("m{i}"), &format!("k{i}"))
+                .await["seq"],
+            i
+        );
+    }
+    redis.restart();
+    for n in [&a, &b] {
+        common::eventually("readyz after the restart", || {
+            common::http_blocking("GET", &format!("{}/readyz", n.base), &[], None)
+                .is_ok_and(|r| r.status == 200)
+        })
+        .await;
+    }
+    // the first call after the restart may meet a dead connection: retry like a client
+    let mut seq = None;
+    for attempt in 0..20 {
+        alice
+            .send(json!({"type":"room","room":"lobby","body":"m6","client_id":"k6"}))
+            .await;
+        let f = alice.recv_type_of(&["sent", "error"]).await;
+        if f["type"] == "sent" {
+            seq = f["seq"].as_u64();
+            break;
+        }
+        assert_eq!(f["code"], "unavailable", "attempt {attempt}: {f}");
+    }
+    assert_eq!(seq, Some(6), "seq continues after the restart");
+    // and delivery across nodes still works (the directory was rewritten if needed)
+    let mut seqs = Vec::new();
+    while seqs.last() != Some(&6) {
+        let m = bob.recv_type("message").await;
+        seqs.push(m["seq"].as_u64().unwrap());
+    }
+    assert_eq!(seqs, vec![1, 2, 3, 4, 5, 6]);
+}
+
+#[tokio::test]
+async fn graceful_stop_deregisters_and_closes_with_1012() {
+    let redis = RedisServer::start();
+    let a = node(&redis, "node-a");
+    let mut p = ProcessNode::start(&redis.url, "node-p");
+    let mut bob = Client::connect_url(&p.ws_url("bob"), "bob").await;
+    let mut conn = redis.connection();
+    let members: Vec<String> = ::redis::cmd("ZRANGE")
+        .arg("chatmesh:nodes")
+        .arg(0)
+        .arg(-1)
+        .query(&mut conn)
+        .unwrap();
+    assert!(members.contains(&"node-p".to_string()));
+    let code = p.terminate();
+    let (close, _) = bob.expect_close().await;
+    assert_eq!(
+        close,
+        Some(tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Restart)
+    );
+    assert_eq!(code, Some(0), "exit 0");
+    let members: Vec<String> = ::redis::cmd("ZRANGE")
+        .arg("chatmesh:nodes")
+        .arg(0)
+        .arg(-1)
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(
+        members,
+        vec!["node-a".to_string()],
+        "deregistered at once, not after the TTL"
+    );
+    let bob_nodes: Vec<String> = ::redis::cmd("HKEYS")
+        .arg("chatmesh:user_nodes:bob")
+        .query(&mut conn)
+        .unwrap();
+    assert!(bob_nodes.is_empty());
+    drop(a);
+}
