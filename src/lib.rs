@@ -180,6 +180,9 @@ pub async fn run(
         metrics.connections.get()
     );
     if let Some(cluster) = &cluster {
+        // A round trip through the ChatServer: every disconnect it has seen has been
+        // handed to the bridge before the bridge is asked to finish.
+        let _ = server.send(server::Snapshot).await;
         cluster.stop().await;
     }
     public_handle.stop(true).await;
