@@ -9,7 +9,9 @@ mod common;
 use std::time::Duration;
 
 use common::browser::{Browser, Page};
-use common::{settings, TestNode};
+use common::nginx::Nginx;
+use common::redis::RedisServer;
+use common::{cluster_settings, settings, TestNode};
 use serde_json::{json, Value};
 
 /// How long one thing the page should do may take.
@@ -44,6 +46,20 @@ async fn wait_online(page: &Page) {
     page.wait_for(
         "document.getElementById('chat')?.dataset.conn === 'online' \
          && window.chatmesh && window.chatmesh.state.ready",
+        T,
+    )
+    .await;
+}
+
+/// The node whose websocket the page is on.
+async fn node_of(page: &Page) -> Value {
+    page.eval("window.chatmesh.state.node").await
+}
+
+/// Waits until the page's history request and sync (with all its pages) are answered.
+async fn settled(page: &Page) {
+    page.wait_for(
+        "(s => s.ready && !s.syncing && s.historyLoaded && !s.historyInFlight)(window.chatmesh.state)",
         T,
     )
     .await;
@@ -217,8 +233,8 @@ fn chat_in_the_browser() {
             let last = bodies.as_array().unwrap().last().unwrap().as_str().unwrap();
             page.wait_for(&format!("{} !== undefined", msg(last)), T)
                 .await;
-            // Give late duplicates (sync after history) a moment to show up, then compare.
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            // Both catch-up paths (history and sync) have answered: nothing more is due.
+            settled(page).await;
             assert_eq!(&page.eval(BODIES).await, bodies);
             let seqs = page
                 .eval("Array.from(document.querySelectorAll('#messages .msg')).map(m => Number(m.dataset.seq))")
@@ -324,4 +340,68 @@ fn load_older_pages_through_history() {
         );
     });
     drop(node);
+}
+
+/// The same pages through real nginx in front of two cluster nodes: the two users'
+/// pages are served by different nodes and still talk, one-to-one and in a room.
+#[test]
+fn chat_in_the_browser_across_two_nodes_behind_nginx() {
+    let redis = RedisServer::start();
+    let n1 = TestNode::start(cluster_settings(&redis.url, "node-1"));
+    let n2 = TestNode::start(cluster_settings(&redis.url, "node-2"));
+    let addr = |n: &TestNode| n.base.trim_start_matches("http://").parse().unwrap();
+    let nginx = Nginx::start(&[addr(&n1), addr(&n2)]);
+    let base = nginx.base.clone();
+    run(async move {
+        let browser = Browser::launch().await;
+        let a = browser
+            .new_page(&format!("{base}/chat?uid=alice&to=bob"))
+            .await;
+        wait_online(&a).await;
+        let b = browser
+            .new_page(&format!("{base}/chat?uid=bob&to=alice"))
+            .await;
+        wait_online(&b).await;
+        let (node_a, node_b) = (node_of(&a).await, node_of(&b).await);
+        assert_ne!(
+            node_a, node_b,
+            "nginx spread the two websockets over both nodes"
+        );
+
+        send(&a, "hello across nodes").await;
+        wait_msg(&b, "hello across nodes", "received").await;
+        wait_msg(&a, "hello across nodes", "stored").await;
+        send(&b, "and back").await;
+        wait_msg(&a, "and back", "received").await;
+        a.wait_for(
+            "document.getElementById('presence').dataset.online === 'true'",
+            T,
+        )
+        .await;
+
+        let ar = browser
+            .new_page(&format!("{base}/chat?uid=alice&room=lobby"))
+            .await;
+        wait_online(&ar).await;
+        let br = browser
+            .new_page(&format!("{base}/chat?uid=bob&room=lobby"))
+            .await;
+        wait_online(&br).await;
+        assert_ne!(node_of(&ar).await, node_of(&br).await);
+        send(&ar, "room across nodes").await;
+        wait_msg(&br, "room across nodes", "received").await;
+        send(&br, "room reply").await;
+        wait_msg(&ar, "room reply", "received").await;
+        wait_msg(&br, "room reply", "stored").await;
+
+        // A reload may land on the other node; the conversation comes back whole.
+        b.reload().await;
+        wait_online(&b).await;
+        settled(&b).await;
+        assert_eq!(
+            b.eval(BODIES).await,
+            json!(["hello across nodes", "and back"])
+        );
+    });
+    drop(nginx);
 }

@@ -466,3 +466,54 @@ async fn graceful_stop_deregisters_and_closes_with_1012() {
     assert!(bob_nodes.is_empty());
     drop(a);
 }
+
+#[tokio::test]
+async fn end_to_end_through_nginx_in_front_of_two_nodes() {
+    let redis = RedisServer::start();
+    let n1 = node(&redis, "node-1");
+    let n2 = node(&redis, "node-2");
+    let addr = |n: &TestNode| n.base.trim_start_matches("http://").parse().unwrap();
+    let nginx = common::nginx::Nginx::start(&[addr(&n1), addr(&n2)]);
+
+    // Pages and health go through nginx; the peer API never does.
+    let page = http("GET", &nginx.url("/chat?uid=alice&to=bob"), &[], None)
+        .await
+        .unwrap();
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains(r#"data-conv="dm:alice:bob""#));
+    let r = http(
+        "POST",
+        &nginx.url("/internal/deliver"),
+        &[("Authorization", "Bearer test-cluster-secret")],
+        Some("{}"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 404);
+
+    // Websockets through nginx land on both nodes (least_conn) and talk across them.
+    let mut alice = Client::connect_url(&nginx.ws_url("alice"), "alice").await;
+    let mut bob = Client::connect_url(&nginx.ws_url("bob"), "bob").await;
+    assert_ne!(
+        alice.welcome["node"], bob.welcome["node"],
+        "one user per node"
+    );
+    let sent = alice.direct("bob", "through nginx", "k1").await;
+    let m = bob.recv_type("message").await;
+    assert_eq!(
+        (m["body"].as_str(), m["seq"].clone()),
+        (Some("through nginx"), sent["seq"].clone())
+    );
+    alice.join("lobby").await;
+    bob.join("lobby").await;
+    bob.room("lobby", "room through nginx", "k2").await;
+    assert_eq!(
+        alice.recv_type("message").await["body"],
+        "room through nginx"
+    );
+    assert_eq!(
+        n1.metric("chatmesh_peer_messages_total") + n2.metric("chatmesh_peer_messages_total"),
+        2.0,
+        "one peer message per cross-node send"
+    );
+}
