@@ -517,3 +517,64 @@ async fn end_to_end_through_nginx_in_front_of_two_nodes() {
         "one peer message per cross-node send"
     );
 }
+
+#[tokio::test]
+async fn a_dead_nodes_users_are_announced_offline() {
+    let redis = RedisServer::start();
+    let a = node(&redis, "node-a");
+    let mut doomed = ProcessNode::start(&redis.url, "node-doomed");
+    let mut alice = Client::connect(&a, "alice").await;
+    alice.join("lobby").await;
+    let mut bob = Client::connect_url(&doomed.ws_url("bob"), "bob").await;
+    bob.join("lobby").await;
+    // wait for node-a to know bob is there
+    let mut online = false;
+    while !online {
+        alice.send(json!({"type":"presence","uids":["bob"]})).await;
+        online = alice.recv_type("presence").await["online"] == true;
+    }
+    doomed.kill();
+    let event = loop {
+        let f = alice.recv_type("presence").await;
+        if f.get("room").is_some() {
+            break f;
+        }
+    };
+    assert_eq!(
+        event,
+        json!({"type":"presence","room":"lobby","uid":"bob","online":false})
+    );
+}
+
+#[tokio::test]
+async fn directory_is_rebuilt_when_redis_loses_its_data() {
+    let mut redis = RedisServer::start();
+    let a = node(&redis, "node-a");
+    let b = node(&redis, "node-b");
+    let mut alice = Client::connect(&a, "alice").await;
+    let mut bob = Client::connect(&b, "bob").await;
+    alice.direct("bob", "before", "k1").await;
+    bob.recv_type("message").await;
+    redis.restart(); // no AOF: everything is gone, including the directory
+    let mut conn = redis.connection();
+    common::eventually("node-b to write bob's directory entry again", || {
+        let n: Option<i64> = ::redis::cmd("HGET")
+            .arg("chatmesh:user_nodes:bob")
+            .arg("node-b")
+            .query(&mut conn)
+            .unwrap_or(None);
+        n == Some(1)
+    })
+    .await;
+    let mut body = None;
+    for _ in 0..20 {
+        alice
+            .send(json!({"type":"direct","to":"bob","body":"after","client_id":"k2"}))
+            .await;
+        if alice.recv_type_of(&["sent", "error"]).await["type"] == "sent" {
+            body = Some(bob.recv_type("message").await["body"].clone());
+            break;
+        }
+    }
+    assert_eq!(body, Some(json!("after")));
+}
