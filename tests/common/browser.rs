@@ -289,6 +289,9 @@ impl Browser {
             ])
             .arg(format!("--user-data-dir={}", data_dir.display()))
             .arg("about:blank")
+            // Chromium's own scratch files (its singleton socket dir) go into the
+            // profile directory too, so nothing is left in /tmp.
+            .env("TMPDIR", profile.path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(stderr))
