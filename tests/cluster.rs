@@ -578,3 +578,187 @@ async fn directory_is_rebuilt_when_redis_loses_its_data() {
     }
     assert_eq!(body, Some(json!("after")));
 }
+
+#[test]
+fn cluster_mode_refuses_to_start_without_a_secret() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_chatmesh"))
+        .args([
+            "--redis-url",
+            "redis://127.0.0.1:1",
+            "--listen",
+            "127.0.0.1:0",
+            "--internal-listen",
+            "127.0.0.1:0",
+        ])
+        .env_remove("CHATMESH_CLUSTER_SECRET")
+        .output()
+        .expect("run chatmesh");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--cluster-secret"), "{stderr}");
+}
+
+/// A stand-in peer: registered in Redis like a node (kept alive by heartbeats from the
+/// test), its peer API a plain TCP listener that records each POST.
+struct FakePeer {
+    posts: std::sync::Arc<std::sync::Mutex<Vec<(String, serde_json::Value)>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FakePeer {
+    /// Registers node `id` at `port` and keeps its heartbeat fresh until dropped.
+    fn register(redis: &RedisServer, id: &'static str, port: u16) -> FakePeer {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut conn = redis.connection();
+        let keep = stop.clone();
+        std::thread::spawn(move || {
+            while !keep.load(std::sync::atomic::Ordering::Relaxed) {
+                let (secs, micros): (u64, u64) = ::redis::cmd("TIME").query(&mut conn).unwrap();
+                let now = secs * 1000 + micros / 1000;
+                let _: () = ::redis::pipe()
+                    .zadd("chatmesh:nodes", id, now)
+                    .hset(
+                        format!("chatmesh:node:{id}"),
+                        "advertise",
+                        format!("http://127.0.0.1:{port}"),
+                    )
+                    .query(&mut conn)
+                    .unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        });
+        FakePeer {
+            posts: Default::default(),
+            stop,
+        }
+    }
+
+    /// Starts answering POSTs on `port` with 200.
+    async fn listen(&self, port: u16) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let posts = self.posts.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                let posts = posts.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        // one request at a time on a kept-alive connection
+                        let mut chunk = [0u8; 65536];
+                        let n = match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        buf.extend_from_slice(&chunk[..n]);
+                        let text = String::from_utf8_lossy(&buf).into_owned();
+                        let Some((head, body)) = text.split_once("\r\n\r\n") else {
+                            continue;
+                        };
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse().unwrap())
+                            })
+                            .unwrap_or(0);
+                        if body.len() < len {
+                            continue;
+                        }
+                        let auth = head
+                            .lines()
+                            .find_map(|l| {
+                                l.strip_prefix("authorization: ")
+                                    .or_else(|| l.strip_prefix("Authorization: "))
+                            })
+                            .unwrap_or("")
+                            .to_owned();
+                        posts
+                            .lock()
+                            .unwrap()
+                            .push((auth, serde_json::from_str(&body[..len]).unwrap()));
+                        buf.clear();
+                        let reply =
+                            "HTTP/1.1 200 OK\r\ncontent-length: 15\r\n\r\n{\"delivered\":0}";
+                        if s.write_all(reply.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+    }
+}
+
+impl Drop for FakePeer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[tokio::test]
+async fn failed_peer_posts_are_retried_and_coalesced() {
+    let redis = RedisServer::start();
+    let a = node(&redis, "node-a");
+    let port = common::free_port();
+    let peer = FakePeer::register(&redis, "node-fake", port);
+    // bob is connected to the fake node, as far as the directory knows
+    let mut conn = redis.connection();
+    let _: () = ::redis::cmd("HSET")
+        .arg("chatmesh:user_nodes:bob")
+        .arg("node-fake")
+        .arg(1)
+        .query(&mut conn)
+        .unwrap();
+    let mut alice = Client::connect(&a, "alice").await;
+    // the peer is down: every send is stored and confirmed all the same
+    for i in 0..30 {
+        alice
+            .direct("bob", &format!("m{i}"), &format!("k{i}"))
+            .await;
+    }
+    common::eventually("a failed POST", || {
+        a.metric("chatmesh_peer_failures_total") >= 1.0
+    })
+    .await;
+    // the peer comes up: the queue drains, in order, in few POSTs
+    peer.listen(port).await;
+    common::eventually("all 30 messages to reach the peer", || {
+        peer.posts
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, b)| b["messages"].as_array().unwrap().len())
+            .sum::<usize>()
+            == 30
+    })
+    .await;
+    let posts = peer.posts.lock().unwrap().clone();
+    assert!(
+        posts.len() <= 3,
+        "coalesced: {} POSTs for 30 messages",
+        posts.len()
+    );
+    let seqs: Vec<u64> = posts
+        .iter()
+        .flat_map(|(_, b)| {
+            b["messages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["seq"].as_u64().unwrap())
+        })
+        .collect();
+    assert_eq!(seqs, (1..=30).collect::<Vec<_>>());
+    for (auth, body) in &posts {
+        assert_eq!(auth, "Bearer test-cluster-secret");
+        assert_eq!(body["from"], "node-a");
+    }
+    assert_eq!(a.metric("chatmesh_peer_queue_depth"), 0.0);
+}
