@@ -233,40 +233,64 @@ impl Chat {
     }
 
     pub async fn join(&self, uid: &str, room: &str) -> Result<(), ChatError> {
-        if !valid_id(room) {
-            return Err(ChatError::Invalid(
-                "room must be 1 to 64 characters of A-Z a-z 0-9 _ . -".into(),
-            ));
-        }
-        let changed = self.timed(self.store.join(uid, room)).await?;
-        if let (Some(cluster), true) = (&self.cluster, changed) {
-            cluster.membership_changed(uid, room, true);
-        }
-        // Sent even when already a member: the server ignores what it already knows,
-        // and a membership made on another node becomes known here.
-        self.server.do_send(Membership {
-            uid: uid.to_owned(),
-            room: room.to_owned(),
-            joined: true,
-        });
-        Ok(())
+        self.change_membership(uid, room, true).await
     }
 
     pub async fn leave(&self, uid: &str, room: &str) -> Result<(), ChatError> {
+        self.change_membership(uid, room, false).await
+    }
+
+    async fn change_membership(
+        &self,
+        uid: &str,
+        room: &str,
+        joined: bool,
+    ) -> Result<(), ChatError> {
         if !valid_id(room) {
             return Err(ChatError::Invalid(
                 "room must be 1 to 64 characters of A-Z a-z 0-9 _ . -".into(),
             ));
         }
-        let changed = self.timed(self.store.leave(uid, room)).await?;
+        let changed = if joined {
+            self.timed(self.store.join(uid, room)).await?
+        } else {
+            self.timed(self.store.leave(uid, room)).await?
+        };
+        // Applied here (and in the directory) before the client hears `joined`, so
+        // every room message stored after that answer is routed to this node.
+        self.apply_membership(uid, room, joined).await?;
         if let (Some(cluster), true) = (&self.cluster, changed) {
-            cluster.membership_changed(uid, room, false);
+            cluster.membership_changed(uid, room, joined);
         }
-        self.server.do_send(Membership {
+        Ok(())
+    }
+
+    /// Makes this node's sessions of `uid` follow a membership the store already holds
+    /// (sent even when the store saw no change: a membership made on another node
+    /// becomes known here), and records the change in the cluster directory.
+    pub async fn apply_membership(
+        &self,
+        uid: &str,
+        room: &str,
+        joined: bool,
+    ) -> Result<(), ChatError> {
+        let change = |joined| Membership {
             uid: uid.to_owned(),
             room: room.to_owned(),
-            joined: false,
-        });
+            joined,
+        };
+        let delta = self
+            .server
+            .send(change(joined))
+            .await
+            .map_err(|e| ChatError::Unavailable(e.to_string()))?;
+        if let (Some(cluster), true) = (&self.cluster, delta != 0) {
+            if let Err(e) = cluster.room_delta(room, delta).await {
+                // Undo the local change so that a retry records it again.
+                let _ = self.server.send(change(!joined)).await;
+                return Err(e);
+            }
+        }
         Ok(())
     }
 

@@ -59,9 +59,11 @@ pub struct Disconnect {
     pub in_directory: bool,
 }
 
-/// A membership change that the store has already accepted.
+/// A membership change that the store has already accepted. Answers the change in
+/// this node's connection count for the room (the user's local connections, positive or
+/// negative; 0 when nothing changed), which the caller records in the cluster directory.
 #[derive(Message)]
-#[rtype(result = "()")]
+#[rtype(result = "i64")]
 pub struct Membership {
     pub uid: String,
     pub room: String,
@@ -242,9 +244,9 @@ impl Handler<Disconnect> for ChatServer {
 }
 
 impl Handler<Membership> for ChatServer {
-    type Result = ();
+    type Result = i64;
 
-    fn handle(&mut self, msg: Membership, _: &mut Context<Self>) {
+    fn handle(&mut self, msg: Membership, _: &mut Context<Self>) -> i64 {
         let connections = self.registry.connections_of(&msg.uid) as i64;
         let was_member = self.registry.rooms_of(&msg.uid).contains(&msg.room);
         if msg.joined {
@@ -252,17 +254,10 @@ impl Handler<Membership> for ChatServer {
         } else {
             self.registry.leave(&msg.uid, &msg.room);
         }
-        if connections > 0 && was_member != msg.joined {
-            if let Some(cluster) = &self.cluster {
-                cluster.do_send(ClusterEvent::RoomDelta {
-                    room: msg.room,
-                    delta: if msg.joined {
-                        connections
-                    } else {
-                        -connections
-                    },
-                });
-            }
+        match (was_member, msg.joined) {
+            (false, true) => connections,
+            (true, false) => -connections,
+            _ => 0,
         }
     }
 }

@@ -500,20 +500,6 @@ impl Handler<super::ClusterEvent> for ClusterBridge {
                     }),
                 );
             }
-            super::ClusterEvent::RoomDelta { room, delta } => {
-                ctx.spawn(
-                    async move { (directory.room_delta(&room, delta).await, room) }
-                        .into_actor(self)
-                        .map(|(r, room), act, _| {
-                            act.pending -= 1;
-                            if let Err(e) = r {
-                                log::warn!(
-                                    "directory: membership change of room {room} not recorded: {e}"
-                                );
-                            }
-                        }),
-                );
-            }
         }
     }
 }

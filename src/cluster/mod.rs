@@ -43,8 +43,6 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum ClusterEvent {
     /// One connection of `uid` closed; it counted in each of `rooms`.
     Disconnected { uid: String, rooms: Vec<String> },
-    /// A membership change of a user with `delta` connections here.
-    RoomDelta { room: String, delta: i64 },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +93,16 @@ impl Cluster {
             });
         }
         Ok(())
+    }
+
+    /// Records that this node now holds `delta` more (or fewer) connections of members
+    /// of `room`.
+    pub async fn room_delta(&self, room: &str, delta: i64) -> Result<(), ChatError> {
+        Ok(
+            tokio::time::timeout(self.timeout, self.directory.room_delta(room, delta))
+                .await
+                .unwrap_or(Err(StoreError::Timeout(self.timeout)))?,
+        )
     }
 
     /// Tells the other nodes holding connections of `uid` about a membership change.

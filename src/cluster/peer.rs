@@ -9,7 +9,7 @@ use serde::Deserialize;
 use super::queue::{MembershipEvent, PresenceEvent};
 use crate::http::{bearer_ok, ApiError, AppState};
 use crate::protocol::Message;
-use crate::server::{Fanout, Membership, RoomPresence};
+use crate::server::{Fanout, RoomPresence};
 
 /// Largest batch body a peer may send (MAX_BATCH messages of the largest body, with
 /// room for JSON escaping).
@@ -67,11 +67,14 @@ async fn deliver(
     );
     // Membership first: a message to a room just joined elsewhere may be in this batch.
     for m in batch.membership {
-        chat.server.do_send(Membership {
-            uid: m.uid,
-            room: m.room,
-            joined: m.joined,
-        });
+        if let Err(e) = chat.apply_membership(&m.uid, &m.room, m.joined).await {
+            log::warn!(
+                "membership of {} in {} from {} not applied: {e}",
+                m.uid,
+                m.room,
+                batch.from
+            );
+        }
     }
     for message in batch.messages {
         chat.server.do_send(Fanout {
