@@ -602,6 +602,7 @@ fn cluster_mode_refuses_to_start_without_a_secret() {
 /// test), its peer API a plain TCP listener that records each POST.
 struct FakePeer {
     posts: std::sync::Arc<std::sync::Mutex<Vec<(String, serde_json::Value)>>>,
+    connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -629,6 +630,7 @@ impl FakePeer {
         });
         FakePeer {
             posts: Default::default(),
+            connections: Default::default(),
             stop,
         }
     }
@@ -640,11 +642,13 @@ impl FakePeer {
             .await
             .unwrap();
         let posts = self.posts.clone();
+        let connections = self.connections.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((mut s, _)) = listener.accept().await else {
                     return;
                 };
+                connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let posts = posts.clone();
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
@@ -761,4 +765,33 @@ async fn failed_peer_posts_are_retried_and_coalesced() {
         assert_eq!(body["from"], "node-a");
     }
     assert_eq!(a.metric("chatmesh_peer_queue_depth"), 0.0);
+}
+
+#[tokio::test]
+async fn peer_connections_are_kept_alive() {
+    let redis = RedisServer::start();
+    let a = node(&redis, "node-a");
+    let port = common::free_port();
+    let peer = FakePeer::register(&redis, "node-fake", port);
+    peer.listen(port).await;
+    let mut conn = redis.connection();
+    let _: () = ::redis::cmd("HSET")
+        .arg("chatmesh:user_nodes:bob")
+        .arg("node-fake")
+        .arg(1)
+        .query(&mut conn)
+        .unwrap();
+    let mut alice = Client::connect(&a, "alice").await;
+    for i in 1..=10usize {
+        alice
+            .direct("bob", &format!("m{i}"), &format!("k{i}"))
+            .await;
+        // one POST at a time, each after the previous one was answered
+        common::eventually("the POST", || peer.posts.lock().unwrap().len() == i).await;
+    }
+    assert_eq!(
+        peer.connections.load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "ten POSTs over one kept-alive connection"
+    );
 }

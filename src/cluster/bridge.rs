@@ -165,8 +165,16 @@ impl ClusterBridge {
                 .send_body(body)
                 .await;
             match resp {
-                Ok(r) if r.status().is_success() => Ok(()),
-                Ok(r) => Err(format!("answered {}", r.status())),
+                Ok(mut r) => {
+                    // Reading the (small) body to its end is what returns the connection
+                    // to awc's pool; an unread body closes it.
+                    let body = r.body().limit(64 * 1024).await;
+                    match (r.status().is_success(), body) {
+                        (true, Ok(_)) => Ok(()),
+                        (true, Err(e)) => Err(format!("bad answer: {e}")),
+                        (false, _) => Err(format!("answered {}", r.status())),
+                    }
+                }
                 Err(e) => Err(e.to_string()),
             }
         };
