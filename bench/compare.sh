@@ -52,6 +52,7 @@ fi
 : "${MAX_WARMUP:=5}"
 : "${DIRECT_MAX_RATES:=2 3 4.5 7 10 15 22 33 50 75}"   # per user, x DIRECT_USERS msgs/s
 : "${ROOM_MAX_RATES:=5 7.5 11 17 25 38 57 85 128 192 288 432}"  # per sender, x (members-1) deliveries/s
+: "${CHATMESH_WORKERS:=1}"  # HTTP worker threads per chatmesh node
 : "${CHATMESH_LOG:=warn}"    # RUST_LOG of the chatmesh nodes (info logs every connection)
 
 OUT=${OUT:-$ROOT/bench/results/$(date -u +%Y%m%d-%H%M%S)}
@@ -168,7 +169,10 @@ start_chatmesh() {
         local p q args
         p=$(free_port); q=$(free_port)
         args=(--listen "127.0.0.1:$p" --internal-listen "127.0.0.1:$q" --node-id "cm$i"
-              --rate-per-sec 1000000 --rate-burst 1000000)
+              --rate-per-sec 1000000 --rate-burst 1000000
+              # three nodes share two cores: one HTTP worker each, as each Socket.IO
+              # node is one Node.js process
+              --workers "$CHATMESH_WORKERS")
         [ "$mode" = cluster ] && args+=(--redis-url "$REDIS_URL" --cluster-secret "$secret")
         RUST_LOG=$CHATMESH_LOG "$CHATMESH" "${args[@]}" >"$TMP/chatmesh-$i.log" 2>&1 &
         local pid=$!

@@ -232,15 +232,8 @@ impl Chat {
         });
     }
 
-    pub async fn join(&self, uid: &str, room: &str) -> Result<(), ChatError> {
-        self.change_membership(uid, room, true).await
-    }
-
-    pub async fn leave(&self, uid: &str, room: &str) -> Result<(), ChatError> {
-        self.change_membership(uid, room, false).await
-    }
-
-    async fn change_membership(
+    /// Joins (`joined`) or leaves a room.
+    pub async fn change_membership(
         &self,
         uid: &str,
         room: &str,

@@ -156,36 +156,8 @@ impl WsSession {
                 body,
                 client_id,
             } => self.send(Target::Room(room), body, client_id, ctx),
-            ClientFrame::Join { room } => {
-                let chat = self.chat.clone();
-                let uid = self.uid.clone();
-                ctx.wait(
-                    async move {
-                        let r = chat.join(&uid, &room).await;
-                        (r, room)
-                    }
-                    .into_actor(self)
-                    .map(|(r, room), act, ctx| match r {
-                        Ok(()) => act.write(ctx, ServerFrame::Joined { room: &room }),
-                        Err(e) => act.chat_error(ctx, &e, None),
-                    }),
-                );
-            }
-            ClientFrame::Leave { room } => {
-                let chat = self.chat.clone();
-                let uid = self.uid.clone();
-                ctx.wait(
-                    async move {
-                        let r = chat.leave(&uid, &room).await;
-                        (r, room)
-                    }
-                    .into_actor(self)
-                    .map(|(r, room), act, ctx| match r {
-                        Ok(()) => act.write(ctx, ServerFrame::Left { room: &room }),
-                        Err(e) => act.chat_error(ctx, &e, None),
-                    }),
-                );
-            }
+            ClientFrame::Join { room } => self.membership(room, true, ctx),
+            ClientFrame::Leave { room } => self.membership(room, false, ctx),
             ClientFrame::Sync { cursors } => {
                 let chat = self.chat.clone();
                 let uid = self.uid.clone();
@@ -258,6 +230,23 @@ impl WsSession {
                 ));
             }
         }
+    }
+
+    fn membership(&mut self, room: String, joined: bool, ctx: &mut ws::WebsocketContext<Self>) {
+        let chat = self.chat.clone();
+        let uid = self.uid.clone();
+        ctx.wait(
+            async move {
+                let r = chat.change_membership(&uid, &room, joined).await;
+                (r, room)
+            }
+            .into_actor(self)
+            .map(move |(r, room), act, ctx| match r {
+                Ok(()) if joined => act.write(ctx, ServerFrame::Joined { room: &room }),
+                Ok(()) => act.write(ctx, ServerFrame::Left { room: &room }),
+                Err(e) => act.chat_error(ctx, &e, None),
+            }),
+        );
     }
 
     fn send(

@@ -56,10 +56,12 @@ async fn node_of(page: &Page) -> Value {
     page.eval("window.chatmesh.state.node").await
 }
 
-/// Waits until the page's history request and sync (with all its pages) are answered.
+/// Waits until the page's history request and sync (with all its pages) are answered
+/// and every send it still had (kept across the reload) is confirmed.
 async fn settled(page: &Page) {
     page.wait_for(
-        "(s => s.ready && !s.syncing && s.historyLoaded && !s.historyInFlight)(window.chatmesh.state)",
+        "(s => s.ready && !s.syncing && s.historyLoaded && !s.historyInFlight \
+           && s.pending.size === 0)(window.chatmesh.state)",
         T,
     )
     .await;

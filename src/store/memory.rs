@@ -142,16 +142,7 @@ impl Store for MemoryStore {
         }
         let log = inner.convs.entry(msg.conv.clone()).or_default();
         log.last_seq += 1;
-        let message = Message {
-            conv: msg.conv,
-            seq: log.last_seq,
-            id: msg.id,
-            from: msg.from,
-            to: msg.to,
-            room: msg.room,
-            body: msg.body,
-            ts: msg.ts,
-        };
+        let message = msg.into_message(log.last_seq);
         log.kept.push_back(message.clone());
         while log.kept.len() > self.limits.history_per_conv {
             log.kept.pop_front();

@@ -36,6 +36,22 @@ pub struct NewMessage {
     pub require_member: bool,
 }
 
+impl NewMessage {
+    /// The message as stored, with the seq the store gave it.
+    pub fn into_message(self, seq: u64) -> Message {
+        Message {
+            conv: self.conv,
+            seq,
+            id: self.id,
+            from: self.from,
+            to: self.to,
+            room: self.room,
+            body: self.body,
+            ts: self.ts,
+        }
+    }
+}
+
 /// What [`Store::append`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Appended {

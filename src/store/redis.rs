@@ -352,16 +352,9 @@ fn parse_page(req: ReadRequest, value: Value) -> Result<Page, StoreError> {
 #[async_trait]
 impl Store for RedisStore {
     async fn append(&self, msg: NewMessage) -> Result<Appended, StoreError> {
-        let mut message = Message {
-            conv: msg.conv,
-            seq: 0,
-            id: msg.id,
-            from: msg.from,
-            to: msg.to,
-            room: msg.room,
-            body: msg.body,
-            ts: msg.ts,
-        };
+        let require_member = msg.require_member;
+        let client_id = msg.client_id.clone();
+        let mut message = msg.into_message(0);
         let (head, tail) = split_at_seq(&message)?;
 
         // The optional keys go after the two fixed ones; the script learns where each
@@ -374,7 +367,7 @@ impl Store for RedisStore {
             })
         };
         let idem = optional(
-            msg.client_id
+            client_id
                 .as_deref()
                 .map(|c| keys::idempotency(&message.from, c)),
         );
@@ -382,7 +375,7 @@ impl Store for RedisStore {
             message
                 .room
                 .as_deref()
-                .filter(|_| msg.require_member)
+                .filter(|_| require_member)
                 .map(keys::room_members),
         );
         let dms = match Conv::parse(&message.conv) {

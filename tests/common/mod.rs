@@ -74,23 +74,8 @@ impl TestNode {
 
     /// Polls /readyz until 200, with a deadline.
     pub fn wait_ready(&self) {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Ok(r) = http_blocking("GET", &format!("{}/readyz", self.base), &[], None) {
-                if r.status == 200 {
-                    return;
-                }
-            }
-            if self.thread.as_ref().is_some_and(|t| t.is_finished()) {
-                panic!("node {} exited during start", self.node_id);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "node {} never became ready",
-                self.node_id
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let exited = || self.thread.as_ref().is_some_and(|t| t.is_finished());
+        wait_ready(&self.base, &self.node_id, exited);
     }
 
     pub fn ws_url(&self, uid: &str) -> String {
@@ -126,6 +111,25 @@ impl Drop for TestNode {
     }
 }
 
+/// Polls `base`/readyz until 200, failing after [`WAIT`] or when `exited()` says the
+/// node is gone.
+fn wait_ready(base: &str, node_id: &str, exited: impl Fn() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Ok(r) = http_blocking("GET", &format!("{base}/readyz"), &[], None) {
+            if r.status == 200 {
+                return;
+            }
+        }
+        assert!(!exited(), "node {node_id} exited during start");
+        assert!(
+            Instant::now() < deadline,
+            "node {node_id} never became ready"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The value of a metric line `name value` (name may include labels).
 pub fn metric_value(text: &str, name: &str) -> f64 {
     text.lines()
@@ -154,6 +158,13 @@ impl HttpResponse {
     }
 }
 
+/// `http://HOST/PATH` as (HOST, /PATH).
+fn split_url(url: &str) -> (&str, String) {
+    let rest = url.strip_prefix("http://").expect("http:// url");
+    rest.split_once('/')
+        .map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")))
+}
+
 /// A minimal HTTP/1.1 client (Connection: close), enough for tests.
 pub async fn http(
     method: &str,
@@ -161,10 +172,7 @@ pub async fn http(
     headers: &[(&str, &str)],
     body: Option<&str>,
 ) -> std::io::Result<HttpResponse> {
-    let rest = url.strip_prefix("http://").expect("http:// url");
-    let (host, path) = rest
-        .split_once('/')
-        .map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
+    let (host, path) = split_url(url);
     let mut stream = tokio::time::timeout(WAIT, TcpStream::connect(host)).await??;
     stream
         .write_all(request_text(method, host, &path, headers, body).as_bytes())
@@ -254,10 +262,7 @@ pub fn http_blocking(
     body: Option<&str>,
 ) -> std::io::Result<HttpResponse> {
     use std::io::{Read, Write};
-    let rest = url.strip_prefix("http://").expect("http:// url");
-    let (host, path) = rest
-        .split_once('/')
-        .map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
+    let (host, path) = split_url(url);
     let addr: std::net::SocketAddr = host.parse().map_err(std::io::Error::other)?;
     let mut stream = std::net::TcpStream::connect_timeout(&addr, WAIT)?;
     stream.set_read_timeout(Some(WAIT))?;
@@ -535,19 +540,8 @@ impl ProcessNode {
             node_id: node_id.to_owned(),
             child,
         };
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Ok(r) = http_blocking("GET", &format!("{}/readyz", node.base), &[], None) {
-                if r.status == 200 {
-                    return node;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "process node {node_id} never became ready"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_ready(&node.base, node_id, || false);
+        node
     }
 
     pub fn ws_url(&self, uid: &str) -> String {
