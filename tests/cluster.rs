@@ -12,12 +12,19 @@ fn node(redis: &RedisServer, id: &str) -> TestNode {
     TestNode::start(cluster_settings(&redis.url, id))
 }
 
+/// node-a, node-b and node-c on one Redis.
+fn three_nodes(redis: &RedisServer) -> (TestNode, TestNode, TestNode) {
+    (
+        node(redis, "node-a"),
+        node(redis, "node-b"),
+        node(redis, "node-c"),
+    )
+}
+
 #[tokio::test]
 async fn cross_node_direct_and_multi_device_cost_one_peer_message_per_node() {
     let redis = RedisServer::start();
-    let a = node(&redis, "node-a");
-    let b = node(&redis, "node-b");
-    let c = node(&redis, "node-c");
+    let (a, b, c) = three_nodes(&redis);
     let mut alice = Client::connect(&a, "alice").await;
     assert_eq!(alice.welcome["node"], "node-a");
     let mut alice_phone = Client::connect(&b, "alice").await;
@@ -48,9 +55,7 @@ async fn cross_node_direct_and_multi_device_cost_one_peer_message_per_node() {
 #[tokio::test]
 async fn dm_to_a_user_on_one_node_costs_exactly_one_peer_message() {
     let redis = RedisServer::start();
-    let a = node(&redis, "node-a");
-    let b = node(&redis, "node-b");
-    let c = node(&redis, "node-c");
+    let (a, b, c) = three_nodes(&redis);
     let mut alice = Client::connect(&a, "alice").await;
     let mut bob = Client::connect(&b, "bob").await;
     let _carol = Client::connect(&c, "carol").await;
@@ -66,9 +71,7 @@ async fn dm_to_a_user_on_one_node_costs_exactly_one_peer_message() {
 #[tokio::test]
 async fn room_message_to_30_members_on_two_other_nodes_costs_two() {
     let redis = RedisServer::start();
-    let a = node(&redis, "node-a");
-    let b = node(&redis, "node-b");
-    let c = node(&redis, "node-c");
+    let (a, b, c) = three_nodes(&redis);
     let mut sender = Client::connect(&a, "sender").await;
     sender.join("big").await;
     let mut members = Vec::new();
