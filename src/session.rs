@@ -38,7 +38,6 @@ pub struct WsSession {
     overflowed: Arc<AtomicBool>,
     /// A fragmented message being reassembled (text only), bounded by the frame limit.
     fragments: Option<(bool, BytesMut)>,
-    registered: bool,
     in_directory: bool,
 }
 
@@ -60,7 +59,6 @@ impl WsSession {
             last_heard: now,
             overflowed: Arc::new(AtomicBool::new(false)),
             fragments: None,
-            registered: false,
             in_directory: false,
         }
     }
@@ -327,7 +325,7 @@ impl Actor for WsSession {
         // message frame can overtake the welcome.
         ctx.wait(
             async move {
-                let rooms = chat.rooms_of(&uid).await.map_err(|e| (e, false))?;
+                let rooms = chat.rooms_of(&uid).await?;
                 chat.server
                     .send(Connect {
                         sid,
@@ -336,22 +334,21 @@ impl Actor for WsSession {
                         handle,
                     })
                     .await
-                    .map_err(|e| (ChatError::Unavailable(e.to_string()), false))?;
+                    .map_err(|e| ChatError::Unavailable(e.to_string()))?;
                 // Registered here first, then in the directory: from then on every
                 // stored message that concerns this user is routed to this node.
                 let in_directory = match &chat.cluster {
-                    Some(cluster) => match cluster.connected(&uid, &rooms).await {
-                        Ok(()) => true,
-                        Err(e) => return Err((e, true)),
-                    },
+                    Some(cluster) => {
+                        cluster.connected(&uid, &rooms).await?;
+                        true
+                    }
                     None => false,
                 };
-                Ok::<_, (ChatError, bool)>((rooms, in_directory))
+                Ok::<_, ChatError>((rooms, in_directory))
             }
             .into_actor(self)
             .map(|r, act, ctx| match r {
                 Ok((rooms, in_directory)) => {
-                    act.registered = true;
                     act.in_directory = in_directory;
                     log::debug!("session {} ({}) connected", act.sid, act.uid);
                     let node = act.chat.node_id.clone();
@@ -364,8 +361,7 @@ impl Actor for WsSession {
                         },
                     );
                 }
-                Err((e, registered_locally)) => {
-                    act.registered = registered_locally;
+                Err(e) => {
                     act.chat_error(ctx, &e, None);
                     act.close(ctx, CloseCode::Again, "store unavailable, try again");
                 }
@@ -375,12 +371,12 @@ impl Actor for WsSession {
 
     fn stopping(&mut self, _: &mut Self::Context) -> Running {
         self.chat.metrics.connections.dec();
-        if self.registered {
-            self.chat.server.do_send(Disconnect {
-                sid: self.sid,
-                in_directory: self.in_directory,
-            });
-        }
+        // Sent even if registration never finished: the ChatServer ignores a session it
+        // does not know, and one whose Connect is still queued is removed right after.
+        self.chat.server.do_send(Disconnect {
+            sid: self.sid,
+            in_directory: self.in_directory,
+        });
         Running::Stop
     }
 }
