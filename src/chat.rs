@@ -2,7 +2,7 @@
 //! then deliver. A message is handed to delivery only after the store accepted it, so
 //! whatever a sender saw confirmed is never lost.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -319,11 +319,6 @@ impl Chat {
                 ReadRequest { conv, range }
             })
             .collect();
-        let cursor_kind: HashSet<String> = requests
-            .iter()
-            .filter(|r| matches!(r.range, Range::After { .. }))
-            .map(|r| r.conv.clone())
-            .collect();
         let pages = if requests.is_empty() {
             Vec::new()
         } else {
@@ -333,7 +328,7 @@ impl Chat {
         // means older history, which sync does not page through.
         let more = pages
             .iter()
-            .filter(|p| p.more && cursor_kind.contains(&p.conv))
+            .filter(|p| p.more && cursors.contains_key(&p.conv))
             .map(|p| p.conv.clone())
             .collect();
         Ok(Synced { pages, more })
