@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use serde::Serialize;
+use serde_json::value::RawValue;
 
 use super::directory::{Directory, LocalUser};
 use super::queue::{Item, MembershipEvent, PeerQueue, PresenceEvent};
@@ -405,7 +406,7 @@ impl ClusterBridge {
 #[derive(Serialize)]
 struct BatchOut<'a> {
     from: &'a str,
-    messages: Vec<&'a ChatMessage>,
+    messages: Vec<&'a RawValue>,
     presence: Vec<&'a PresenceEvent>,
     membership: Vec<&'a MembershipEvent>,
 }
@@ -419,7 +420,7 @@ fn encode_batch(from: &str, batch: &[Item]) -> Vec<u8> {
     };
     for item in batch {
         match item {
-            Item::Message(m) => out.messages.push(m),
+            Item::Message(m) => out.messages.push(&**m),
             Item::Presence(p) => out.presence.push(p),
             Item::Membership(m) => out.membership.push(m),
         }
@@ -459,8 +460,15 @@ impl Handler<Route> for ClusterBridge {
     type Result = ();
 
     fn handle(&mut self, msg: Route, ctx: &mut Context<Self>) {
+        let json = match serde_json::value::to_raw_value(&*msg.message) {
+            Ok(json) => Arc::<RawValue>::from(json),
+            Err(e) => {
+                log::error!("cannot serialise message {}: {e}", msg.message.id);
+                return;
+            }
+        };
         for node in &msg.nodes {
-            self.enqueue(node, Item::Message(msg.message.clone()), ctx);
+            self.enqueue(node, Item::Message(json.clone()), ctx);
         }
     }
 }

@@ -6,8 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-
-use crate::protocol::Message;
+use serde_json::value::RawValue;
 
 /// A room presence change to forward.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,7 +26,8 @@ pub struct MembershipEvent {
 
 #[derive(Debug, Clone)]
 pub enum Item {
-    Message(Arc<Message>),
+    /// A stored message, serialised once for every peer it goes to.
+    Message(Arc<RawValue>),
     Presence(Arc<PresenceEvent>),
     Membership(Arc<MembershipEvent>),
 }
@@ -129,9 +129,10 @@ impl PeerQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::Message;
 
     fn msg(seq: u64) -> Item {
-        Item::Message(Arc::new(Message {
+        let m = Message {
             conv: "room:x".into(),
             seq,
             id: seq.to_string(),
@@ -140,14 +141,15 @@ mod tests {
             room: Some("x".into()),
             body: "b".into(),
             ts: 0,
-        }))
+        };
+        Item::Message(serde_json::value::to_raw_value(&m).unwrap().into())
     }
 
     fn seqs(batch: &[Item]) -> Vec<u64> {
         batch
             .iter()
             .map(|i| match i {
-                Item::Message(m) => m.seq,
+                Item::Message(m) => serde_json::from_str::<Message>(m.get()).unwrap().seq,
                 Item::Presence(_) | Item::Membership(_) => 0,
             })
             .collect()
