@@ -225,21 +225,16 @@ async fn presence_across_nodes() {
     {
         seen.push(alice.recv_type("presence").await);
     }
-    alice
-        .send(json!({"type":"presence","uids":["bob","nobody"]}))
-        .await;
     assert_eq!(
-        alice.recv().await,
-        json!({"type":"presence","uid":"bob","online":true})
-    );
-    assert_eq!(
-        alice.recv().await,
-        json!({"type":"presence","uid":"nobody","online":false})
+        alice.presence(&["bob", "nobody"]).await,
+        vec![
+            json!({"type":"presence","uid":"bob","online":true}),
+            json!({"type":"presence","uid":"nobody","online":false})
+        ]
     );
     // a second device on another node is not a new arrival; the last one leaving is
     let bob_a = Client::connect(&a, "bob").await;
     drop(bob);
-    bob_a.welcome.get("uid").unwrap();
     drop(bob_a);
     assert_eq!(
         alice.recv_type("presence").await,
@@ -308,11 +303,12 @@ async fn a_killed_node_loses_nothing_that_was_sent() {
             && a.metric("chatmesh_peer_queue_depth") == 0.0
     })
     .await;
-    alice.send(json!({"type":"presence","uids":["bob"]})).await;
-    let mut online = alice.recv().await["online"].as_bool().unwrap();
-    while online {
-        alice.send(json!({"type":"presence","uids":["bob"]})).await;
-        online = alice.recv().await["online"].as_bool().unwrap();
+    let deadline = std::time::Instant::now() + common::WAIT;
+    while alice.presence(&["bob"]).await[0]["online"] == true {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "bob never went offline"
+        );
     }
     // bob reconnects to the surviving node and catches up from his cursor
     let mut bob = Client::connect(&a, "bob").await;
@@ -531,10 +527,12 @@ async fn a_dead_nodes_users_are_announced_offline() {
     let mut bob = Client::connect_url(&doomed.ws_url("bob"), "bob").await;
     bob.join("lobby").await;
     // wait for node-a to know bob is there
-    let mut online = false;
-    while !online {
-        alice.send(json!({"type":"presence","uids":["bob"]})).await;
-        online = alice.recv_type("presence").await["online"] == true;
+    let deadline = std::time::Instant::now() + common::WAIT;
+    while alice.presence(&["bob"]).await[0]["online"] != true {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "bob never came online"
+        );
     }
     doomed.kill();
     let event = loop {

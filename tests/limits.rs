@@ -178,18 +178,12 @@ async fn silent_client_is_dropped() {
     .await;
     stop_tx.send(()).unwrap();
     let mut other = reader.await.unwrap();
-    other
-        .send(json!({"type":"presence","uids":["silent","other"]}))
-        .await;
+    let answers = other.presence(&["silent", "other"]).await;
     assert_eq!(
-        other.recv_type("presence").await,
+        answers[0],
         json!({"type":"presence","uid":"silent","online":false})
     );
-    assert_eq!(
-        other.recv_type("presence").await["online"],
-        true,
-        "a reading client is kept"
-    );
+    assert_eq!(answers[1]["online"], true, "a reading client is kept");
     drop(silent);
 }
 

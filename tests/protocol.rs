@@ -339,16 +339,12 @@ async fn presence_answers_and_room_events() {
     let node = node();
     let mut alice = Client::connect(&node, "alice").await;
     alice.join("lobby").await;
-    alice
-        .send(json!({"type":"presence","uids":["bob","alice"]}))
-        .await;
     assert_eq!(
-        alice.recv().await,
-        json!({"type":"presence","uid":"bob","online":false})
-    );
-    assert_eq!(
-        alice.recv().await,
-        json!({"type":"presence","uid":"alice","online":true})
+        alice.presence(&["bob", "alice"]).await,
+        vec![
+            json!({"type":"presence","uid":"bob","online":false}),
+            json!({"type":"presence","uid":"alice","online":true})
+        ]
     );
 
     // bob is a member: his first connection and his last disconnect are announced
@@ -366,14 +362,12 @@ async fn presence_answers_and_room_events() {
     );
     // a second device is not a new arrival
     let bob2 = Client::connect(&node, "bob").await;
-    alice.send(json!({"type":"presence","uids":["bob"]})).await;
     assert_eq!(
-        alice.recv().await,
-        json!({"type":"presence","uid":"bob","online":true})
+        alice.presence(&["bob"]).await,
+        vec![json!({"type":"presence","uid":"bob","online":true})]
     );
     drop(bob2);
-    bob.send(json!({"type":"presence","uids":["alice"]})).await;
-    assert_eq!(bob.recv().await["online"], true);
+    assert_eq!(bob.presence(&["alice"]).await[0]["online"], true);
     drop(bob);
     assert_eq!(
         alice.recv_type("presence").await,

@@ -451,6 +451,17 @@ impl Client {
         assert_eq!(j["room"], room);
     }
 
+    /// Sends a `presence` question and returns the next frame per uid (the answers,
+    /// unless something else arrives first, which the caller's assertions catch).
+    pub async fn presence(&mut self, uids: &[&str]) -> Vec<Value> {
+        self.send(json!({"type":"presence","uids":uids})).await;
+        let mut answers = Vec::with_capacity(uids.len());
+        for _ in uids {
+            answers.push(self.recv().await);
+        }
+        answers
+    }
+
     /// Proves nothing else is queued for this connection: two presence round trips, and
     /// every frame before the second answer is returned.
     pub async fn drain(&mut self) -> Vec<Value> {
