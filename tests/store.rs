@@ -395,3 +395,65 @@ async fn memory_passes_the_conformance_suite() {
     })
     .await;
 }
+
+/// How many EVALSHA calls Redis has run since its stats were reset.
+fn evalsha_calls(con: &mut redis::Connection) -> u64 {
+    let stats: String = redis::cmd("INFO").arg("commandstats").query(con).unwrap();
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+/// Appends that are waiting together go to Redis in one script call, and each is
+/// answered as if it had been alone: its own seq, its duplicate, its refusal, its
+/// error.
+#[tokio::test]
+async fn concurrent_appends_share_script_calls() {
+    let server = RedisServer::start();
+    let store = flushed_store(&server.url, StoreLimits::default()).await;
+    let mut con = server.connection();
+    store.join("alice", "lobby").await.unwrap();
+    store
+        .append(dm("alice", "bob", "first", Some("c0")))
+        .await
+        .unwrap();
+    // a conversation whose counter is not a number: its appends fail, alone
+    let () = redis::cmd("SET")
+        .arg(keys::conv_seq("dm:alice:zed"))
+        .arg("x")
+        .query(&mut con)
+        .unwrap();
+    let () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query(&mut con)
+        .unwrap();
+
+    let mut appends = Vec::new();
+    for i in 0..200 {
+        appends.push(room("alice", "lobby", &format!("m{i}"), None));
+    }
+    appends.push(dm("alice", "bob", "first again", Some("c0")));
+    appends.push(room("mallory", "lobby", "not a member", None));
+    appends.push(dm("alice", "zed", "to a corrupt conversation", None));
+    let results =
+        futures_util::future::join_all(appends.into_iter().map(|m| store.append(m))).await;
+
+    let calls = evalsha_calls(&mut con);
+    assert!(calls <= 5, "203 appends took {calls} script calls");
+    let mut stored: Vec<Message> = results[..200]
+        .iter()
+        .map(|r| r.as_ref().unwrap().message.clone())
+        .collect();
+    stored.sort_by_key(|m| m.seq);
+    let seqs: Vec<u64> = stored.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, (1..=200).collect::<Vec<u64>>());
+    let dup = results[200].as_ref().unwrap();
+    assert!(dup.duplicate);
+    assert_eq!((dup.message.seq, dup.message.body.as_str()), (1, "first"));
+    assert!(matches!(results[201], Err(StoreError::NotMember { .. })));
+    assert!(matches!(results[202], Err(StoreError::Corrupt(_))));
+    let (log, _) = read_all(&store, "room:lobby").await;
+    assert_eq!(log, stored);
+}

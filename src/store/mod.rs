@@ -90,7 +90,7 @@ pub struct Page {
     pub more: bool,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("{uid} is not a member of room {room}")]
     NotMember { uid: String, room: String },

@@ -9,6 +9,12 @@
 //!   interleaving other commands, so the seq counter and the log can never disagree,
 //!   and a refused message returns before anything is written (it takes no seq and
 //!   its client id is not remembered).
+//! - **Appends are batched.** One writer task sends every append that is waiting as
+//!   one script call, one call at a time, so the batch grows with the load: a busy
+//!   node pays one round trip and one script start for many messages, and a lone
+//!   message goes at once. Each message is still appended as if alone (the script
+//!   catches an error per message), and one whose caller gave up while it waited is
+//!   not sent.
 //! - **The message JSON is made by serde, not by Lua.** Rust serialises the message
 //!   with a placeholder seq and sends the text before and after the seq digits; the
 //!   script only splices the number in. The stored text is then exactly what
@@ -37,6 +43,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, RedisError, Script, Value};
+use tokio::sync::{mpsc, oneshot};
 
 use super::{Appended, NewMessage, Page, Range, ReadRequest, Store, StoreError, StoreLimits};
 use crate::keys;
@@ -51,55 +58,77 @@ const LUA_MAX_INT: u64 = 1 << 53;
 /// values that overflow its clock.
 const MAX_TTL_MS: u64 = 1 << 40;
 
-/// KEYS: 1 seq counter, 2 log, then the optional keys whose positions ARGV[1..3] give
-/// (0 = absent): idempotency key, room members set, the first of two DM sets.
-/// ARGV: 4 sender, 5 JSON before the seq, 6 JSON after the seq, 7 messages to keep,
-/// 8 idempotency TTL in ms, 9 conversation id, 10 position of the first directory
-/// hash to read (`user_nodes`/`room_nodes`), 11 how many follow it.
-/// Returns {'ok', seq, node...}, {'dup', first message JSON, node...} or
-/// {'not_member'}: the nodes are the fields of the directory hashes, read in the same
-/// step so that routing sees exactly the connections registered before the append.
+/// Appends a batch of messages, each exactly as if it were alone: one script call
+/// carries every append that was waiting, so a busy node pays one round trip and one
+/// script start for many messages.
+///
+/// ARGV: 1 how many messages, 2 messages to keep per log, 3 idempotency TTL in ms,
+/// then ten per message: key base (its keys are KEYS[base + 1...]), then, relative to
+/// the base, the positions of its optional keys (0 = absent): idempotency key, room
+/// members set, the first of two DM sets; then sender, JSON before the seq, JSON after
+/// the seq, conversation id, position of the first directory hash to read
+/// (`user_nodes`/`room_nodes`) and how many follow it. A message's first two keys are
+/// its seq counter and its log.
+/// Returns one reply per message: {'ok', seq, node...}, {'dup', first message JSON,
+/// node...}, {'not_member'} or {'err', text}: the nodes are the fields of the
+/// directory hashes, read in the same step so that routing sees exactly the
+/// connections registered before the append. An error in one message (a key of the
+/// wrong type) does not stop the others.
 const APPEND_LUA: &str = r#"
-local idem = tonumber(ARGV[1])
-local members = tonumber(ARGV[2])
-local dms = tonumber(ARGV[3])
-local function route(out)
-  local from, count = tonumber(ARGV[10]), tonumber(ARGV[11])
-  for i = from, from + count - 1 do
-    for _, node in ipairs(redis.call('HKEYS', KEYS[i])) do
-      table.insert(out, node)
+local keep, ttl = tonumber(ARGV[2]), ARGV[3]
+local function append(a)
+  local base = tonumber(ARGV[a])
+  local function key(i) return KEYS[base + i] end
+  local idem, members, dms = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local function route(out)
+    local from, count = tonumber(ARGV[a + 8]), tonumber(ARGV[a + 9])
+    for i = from, from + count - 1 do
+      for _, node in ipairs(redis.call('HKEYS', key(i))) do
+        table.insert(out, node)
+      end
+    end
+    return out
+  end
+  if idem > 0 then
+    local first = redis.call('GET', key(idem))
+    if first then
+      return route({'dup', first})
     end
   end
-  return out
-end
-if idem > 0 then
-  local first = redis.call('GET', KEYS[idem])
-  if first then
-    return route({'dup', first})
+  if members > 0 and redis.call('SISMEMBER', key(members), ARGV[a + 4]) == 0 then
+    return {'not_member'}
   end
+  local seq = redis.call('INCR', key(1))
+  local json = ARGV[a + 5] .. string.format('%d', seq) .. ARGV[a + 6]
+  local len = redis.call('RPUSH', key(2), json)
+  if len > keep then
+    if keep > 0 then
+      redis.call('LTRIM', key(2), -keep, -1)
+    else
+      redis.call('DEL', key(2))
+    end
+  end
+  -- The first message of a DM starts the conversation: only then is it new to the
+  -- two participants' lists.
+  if dms > 0 and seq == 1 then
+    redis.call('SADD', key(dms), ARGV[a + 7])
+    redis.call('SADD', key(dms + 1), ARGV[a + 7])
+  end
+  if idem > 0 then
+    redis.call('SET', key(idem), json, 'PX', ttl)
+  end
+  return route({'ok', seq})
 end
-if members > 0 and redis.call('SISMEMBER', KEYS[members], ARGV[4]) == 0 then
-  return {'not_member'}
-end
-local seq = redis.call('INCR', KEYS[1])
-local json = ARGV[5] .. string.format('%d', seq) .. ARGV[6]
-local len = redis.call('RPUSH', KEYS[2], json)
-local keep = tonumber(ARGV[7])
-if len > keep then
-  if keep > 0 then
-    redis.call('LTRIM', KEYS[2], -keep, -1)
+local out = {}
+for m = 1, tonumber(ARGV[1]) do
+  local ok, reply = pcall(append, 4 + (m - 1) * 10)
+  if ok then
+    out[m] = reply
   else
-    redis.call('DEL', KEYS[2])
+    out[m] = {'err', type(reply) == 'table' and reply.err or tostring(reply)}
   end
 end
-if dms > 0 then
-  redis.call('SADD', KEYS[dms], ARGV[9])
-  redis.call('SADD', KEYS[dms + 1], ARGV[9])
-end
-if idem > 0 then
-  redis.call('SET', KEYS[idem], json, 'PX', ARGV[8])
-end
-return route({'ok', seq})
+return out
 "#;
 
 /// KEYS: seq counter and log of each request, in pairs.
@@ -176,11 +205,93 @@ impl Default for RedisConfig {
     }
 }
 
+/// Most appends one script call carries.
+const MAX_APPEND_BATCH: usize = 256;
+/// Appends waiting for the writer; beyond this a caller waits for room (within its
+/// deadline).
+const APPEND_QUEUE: usize = 4096;
+
 pub struct RedisStore {
     conn: ConnectionManager,
-    limits: StoreLimits,
-    append_script: Script,
     read_script: Script,
+    appends: mpsc::Sender<AppendJob>,
+}
+
+/// One message's part of an append batch. Key positions are relative to its own keys,
+/// the first two being its seq counter and its log.
+struct AppendJob {
+    keys: Vec<String>,
+    idem: usize,
+    members: usize,
+    dms: usize,
+    sender: String,
+    head: String,
+    tail: String,
+    conv: String,
+    route_from: usize,
+    route_count: usize,
+    reply: oneshot::Sender<Result<Value, StoreError>>,
+}
+
+/// Sends the appends that are waiting as one script call, one call at a time: while a
+/// call is out, the next batch gathers, so the batch grows with the load and a lone
+/// message goes at once. Ends when the store is dropped.
+async fn append_writer(
+    mut conn: ConnectionManager,
+    script: Script,
+    limits: StoreLimits,
+    mut jobs: mpsc::Receiver<AppendJob>,
+) {
+    let keep = lua_limit(limits.history_per_conv);
+    let ttl_ms = u64::try_from(limits.idempotency_ttl.as_millis())
+        .unwrap_or(u64::MAX)
+        .clamp(1, MAX_TTL_MS);
+    let mut batch = Vec::with_capacity(MAX_APPEND_BATCH);
+    while jobs.recv_many(&mut batch, MAX_APPEND_BATCH).await > 0 {
+        // A caller whose deadline passed while it waited has answered `unavailable`;
+        // its client resends, so its message must not be stored now.
+        batch.retain(|job: &AppendJob| !job.reply.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
+        let mut invocation = script.prepare_invoke();
+        invocation.arg(batch.len()).arg(keep).arg(ttl_ms);
+        let mut base = 0;
+        for job in &batch {
+            invocation
+                .key(&job.keys)
+                .arg(base)
+                .arg(job.idem)
+                .arg(job.members)
+                .arg(job.dms)
+                .arg(&job.sender)
+                .arg(&job.head)
+                .arg(&job.tail)
+                .arg(&job.conv)
+                .arg(job.route_from)
+                .arg(job.route_count);
+            base += job.keys.len();
+        }
+        let replies: Result<Vec<Value>, StoreError> =
+            invocation.invoke_async(&mut conn).await.map_err(map_err);
+        let replies = match replies {
+            Ok(replies) if replies.len() == batch.len() => replies.into_iter().map(Ok).collect(),
+            Ok(replies) => {
+                let e = corrupt(format!(
+                    "append script answered {} replies for {} messages",
+                    replies.len(),
+                    batch.len()
+                ));
+                vec![Err(e); batch.len()]
+            }
+            Err(e) => vec![Err(e); batch.len()],
+        };
+        for (job, reply) in batch.drain(..).zip(replies) {
+            // The caller may have given up meanwhile; the message is stored either way
+            // and a resend with its client id finds it.
+            let _ = job.reply.send(reply);
+        }
+    }
 }
 
 impl RedisStore {
@@ -207,11 +318,12 @@ impl RedisStore {
         let mut conn = ConnectionManager::new_with_config(client, manager_config)
             .await
             .map_err(map_err)?;
+        let append_script = Script::new(APPEND_LUA);
+        let (appends, jobs) = mpsc::channel(APPEND_QUEUE);
         let store = RedisStore {
             conn: conn.clone(),
-            limits,
-            append_script: Script::new(APPEND_LUA),
             read_script: Script::new(READ_LUA),
+            appends,
         };
         let (append_sha, read_sha): (String, String) = redis::pipe()
             .cmd("SCRIPT")
@@ -223,12 +335,12 @@ impl RedisStore {
             .query_async(&mut conn)
             .await
             .map_err(map_err)?;
-        if append_sha != store.append_script.get_hash() || read_sha != store.read_script.get_hash()
-        {
+        if append_sha != append_script.get_hash() || read_sha != store.read_script.get_hash() {
             return Err(StoreError::Unavailable(
                 "redis answered SCRIPT LOAD with an unexpected hash".into(),
             ));
         }
+        tokio::spawn(append_writer(conn, append_script, limits, jobs));
         Ok(store)
     }
 
@@ -250,6 +362,15 @@ fn map_err(e: RedisError) -> StoreError {
         StoreError::Corrupt(e.to_string())
     } else {
         StoreError::Unavailable(e.to_string())
+    }
+}
+
+/// An error a script caught in one message, classified as [`map_err`] does.
+fn script_error(text: &str) -> StoreError {
+    if text.starts_with("WRONGTYPE") || text.contains("not an integer") {
+        corrupt(text)
+    } else {
+        StoreError::Unavailable(text.to_owned())
     }
 }
 
@@ -395,26 +516,26 @@ impl Store for RedisStore {
         let route_from = script_keys.len() + 1;
         let route_count = route_keys.len();
         script_keys.extend(route_keys);
-        let ttl_ms = u64::try_from(self.limits.idempotency_ttl.as_millis())
-            .unwrap_or(u64::MAX)
-            .clamp(1, MAX_TTL_MS);
-        let mut invocation = self.append_script.prepare_invoke();
-        invocation
-            .key(script_keys)
-            .arg(idem)
-            .arg(members)
-            .arg(dms)
-            .arg(&message.from)
-            .arg(head)
-            .arg(tail)
-            .arg(lua_limit(self.limits.history_per_conv))
-            .arg(ttl_ms)
-            .arg(&message.conv)
-            .arg(route_from)
-            .arg(route_count);
 
-        let mut conn = self.conn.clone();
-        let reply: Vec<Value> = invocation.invoke_async(&mut conn).await.map_err(map_err)?;
+        let (reply, answer) = oneshot::channel();
+        let job = AppendJob {
+            keys: script_keys,
+            idem,
+            members,
+            dms,
+            sender: message.from.clone(),
+            head,
+            tail,
+            conv: message.conv.clone(),
+            route_from,
+            route_count,
+            reply,
+        };
+        let stopped = || StoreError::Unavailable("the append writer has stopped".into());
+        self.appends.send(job).await.map_err(|_| stopped())?;
+        let Value::Array(reply) = answer.await.map_err(|_| stopped())?? else {
+            return Err(corrupt("append script answered a message with a non-array"));
+        };
         match reply.as_slice() {
             [Value::BulkString(tag), Value::Int(seq), nodes @ ..] if tag == b"ok" => {
                 message.seq = u64::try_from(*seq)
@@ -438,6 +559,9 @@ impl Store for RedisStore {
                 uid: message.from,
                 room: message.room.unwrap_or_default(),
             }),
+            [Value::BulkString(tag), Value::BulkString(text)] if tag == b"err" => {
+                Err(script_error(&String::from_utf8_lossy(text)))
+            }
             _ => Err(corrupt(format!("append script answered {reply:?}"))),
         }
     }
