@@ -26,6 +26,7 @@
 //! | `chatmesh:room_nodes:{room}` | HASH node id -> connection count | the nodes that hold connections of members of `room` |
 //! | `chatmesh:node_users:{id}` | SET of user ids | the users with a connection on node `id`, so a dead node's entries can be removed |
 //! | `chatmesh:node_rooms:{id}` | SET of room ids | the rooms with a member connected to node `id`, likewise |
+//! | `chatmesh:node_conns:{id}` | SET of session ids | the connections of node `id` that the counts include, so adding or removing one twice changes nothing |
 //!
 //! `{conv}` is a conversation id (`dm:A:B` or `room:R`), `{room}` a room id
 //! without the `room:` prefix, `{uid}` a user id, `{id}` a node id.
@@ -98,6 +99,11 @@ pub fn node_rooms(id: &str) -> String {
     format!("{PREFIX}node_rooms:{id}")
 }
 
+/// The connections of a node that the directory counts include (SET of session ids).
+pub fn node_conns(id: &str) -> String {
+    format!("{PREFIX}node_conns:{id}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,6 +139,7 @@ mod tests {
             room_nodes("x"),
             node_users("x"),
             node_rooms("x"),
+            node_conns("x"),
         ];
         let kinds: std::collections::BTreeSet<&str> = all
             .iter()

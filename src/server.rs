@@ -55,8 +55,6 @@ pub struct Connect {
 #[rtype(result = "()")]
 pub struct Disconnect {
     pub sid: SessionId,
-    /// The connection was counted in the cluster directory and must be uncounted.
-    pub in_directory: bool,
 }
 
 /// A membership change that the store has already accepted. Answers the change in
@@ -229,10 +227,15 @@ impl Handler<Disconnect> for ChatServer {
             return;
         };
         match &self.cluster {
-            Some(cluster) if msg.in_directory => {
-                cluster.do_send(ClusterEvent::Disconnected { uid, rooms });
+            // Sent whether or not the directory recorded the connection: its update may
+            // have timed out and still land, and removing what is not there is a no-op.
+            Some(cluster) => {
+                cluster.do_send(ClusterEvent::Disconnected {
+                    uid,
+                    sid: msg.sid,
+                    rooms,
+                });
             }
-            Some(_) => {}
             None if departure.last => {
                 for room in &departure.rooms {
                     self.room_presence(room, &departure.uid, false);
@@ -312,7 +315,7 @@ impl Handler<Snapshot> for ChatServer {
                 .users()
                 .map(|uid| LocalUser {
                     uid: uid.to_owned(),
-                    connections: self.registry.connections_of(uid),
+                    sessions: self.registry.sessions_of(uid).map(|(sid, _)| sid).collect(),
                     rooms: self.registry.rooms_of(uid),
                 })
                 .collect(),

@@ -38,7 +38,6 @@ pub struct WsSession {
     overflowed: Arc<AtomicBool>,
     /// A fragmented message being reassembled (text only), bounded by the frame limit.
     fragments: Option<(bool, BytesMut)>,
-    in_directory: bool,
 }
 
 impl WsSession {
@@ -59,7 +58,6 @@ impl WsSession {
             last_heard: now,
             overflowed: Arc::new(AtomicBool::new(false)),
             fragments: None,
-            in_directory: false,
         }
     }
 
@@ -337,19 +335,14 @@ impl Actor for WsSession {
                     .map_err(|e| ChatError::Unavailable(e.to_string()))?;
                 // Registered here first, then in the directory: from then on every
                 // stored message that concerns this user is routed to this node.
-                let in_directory = match &chat.cluster {
-                    Some(cluster) => {
-                        cluster.connected(&uid, &rooms).await?;
-                        true
-                    }
-                    None => false,
-                };
-                Ok::<_, ChatError>((rooms, in_directory))
+                if let Some(cluster) = &chat.cluster {
+                    cluster.connected(&uid, sid, &rooms).await?;
+                }
+                Ok::<_, ChatError>(rooms)
             }
             .into_actor(self)
             .map(|r, act, ctx| match r {
-                Ok((rooms, in_directory)) => {
-                    act.in_directory = in_directory;
+                Ok(rooms) => {
                     log::debug!("session {} ({}) connected", act.sid, act.uid);
                     let node = act.chat.node_id.clone();
                     act.write(
@@ -373,10 +366,7 @@ impl Actor for WsSession {
         self.chat.metrics.connections.dec();
         // Sent even if registration never finished: the ChatServer ignores a session it
         // does not know, and one whose Connect is still queued is removed right after.
-        self.chat.server.do_send(Disconnect {
-            sid: self.sid,
-            in_directory: self.in_directory,
-        });
+        self.chat.server.do_send(Disconnect { sid: self.sid });
         Running::Stop
     }
 }

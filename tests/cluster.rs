@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 use common::redis::RedisServer;
 use common::{cluster_settings, http, Client, ProcessNode, TestNode};
 use serde_json::json;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 fn node(redis: &RedisServer, id: &str) -> TestNode {
     TestNode::start(cluster_settings(&redis.url, id))
@@ -378,6 +379,48 @@ async fn paused_redis_gives_unavailable_and_the_retry_lands_once() {
     assert_eq!(bodies, vec!["before", "during"], "stored exactly once");
 }
 
+/// A connection whose directory record timed out leaves no count behind: the record
+/// lands late (Redis was only slow), and the removal sent when the connection closed
+/// follows it on the same Redis connection and undoes it.
+#[tokio::test]
+async fn a_directory_record_that_timed_out_leaves_no_count_behind() {
+    let redis = RedisServer::start();
+    let mut s = cluster_settings(&redis.url, "node-a");
+    s.store_timeout = std::time::Duration::from_millis(300);
+    // No heartbeat during the test: its write would queue ahead of carol's reads.
+    s.heartbeat = std::time::Duration::from_secs(60);
+    s.node_ttl = std::time::Duration::from_secs(180);
+    let a = TestNode::start(s);
+    let mut dave = Client::connect(&a, "dave").await;
+    let mut con = redis.connection();
+    let count = |con: &mut redis::Connection, key: String| -> i64 {
+        redis::cmd("HLEN").arg(key).query(con).unwrap()
+    };
+
+    // Writes wait, reads go on: carol's rooms are read, then her directory record
+    // waits past the node's deadline and she is refused with 1013.
+    let () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(10_000)
+        .arg("WRITE")
+        .query(&mut con)
+        .unwrap();
+    let (code, frames) = Client::connect_refused(&a, "carol").await;
+    assert_eq!(code, Some(CloseCode::Again), "frames: {frames:?}");
+    let () = redis::cmd("CLIENT").arg("UNPAUSE").query(&mut con).unwrap();
+
+    // Now the late record has landed, or will, with its removal behind it.
+    let carol = Client::connect(&a, "carol").await;
+    assert_eq!(dave.presence(&["carol"]).await[0]["online"], true);
+    carol.close().await;
+    common::eventually("carol's directory entry removed", || {
+        count(&mut con, chatmesh::keys::user_nodes("carol")) == 0
+    })
+    .await;
+    assert_eq!(dave.presence(&["carol"]).await[0]["online"], false);
+    assert_eq!(count(&mut con, chatmesh::keys::user_nodes("dave")), 1);
+}
+
 #[tokio::test]
 async fn redis_killed_and_restarted_with_aof_keeps_seqs_going() {
     let mut redis = RedisServer::start_aof();
@@ -442,10 +485,7 @@ async fn graceful_stop_deregisters_and_closes_with_1012() {
     assert!(members.contains(&"node-p".to_string()));
     let code = p.terminate();
     let (close, _) = bob.expect_close().await;
-    assert_eq!(
-        close,
-        Some(tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Restart)
-    );
+    assert_eq!(close, Some(CloseCode::Restart));
     assert_eq!(code, Some(0), "exit 0");
     let members: Vec<String> = ::redis::cmd("ZRANGE")
         .arg("chatmesh:nodes")

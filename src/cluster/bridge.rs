@@ -25,6 +25,12 @@ pub const MAX_BATCH: usize = 512;
 pub const PEER_QUEUE_CAPACITY: usize = 20_000;
 /// Deadline of one POST to a peer.
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause before sending a failed directory removal again. Removals are idempotent, so
+/// one that did land and is sent again changes nothing.
+const REMOVAL_RETRY: Duration = Duration::from_secs(1);
+/// Attempts at one removal before it is given up (with an error in the log; the
+/// connection then counts until this node stops).
+const REMOVAL_ATTEMPTS: u32 = 30;
 
 /// Shared with the [`super::Cluster`] handle.
 pub struct SharedState {
@@ -494,29 +500,58 @@ impl Handler<super::ClusterEvent> for ClusterBridge {
     type Result = ();
 
     fn handle(&mut self, msg: super::ClusterEvent, ctx: &mut Context<Self>) {
-        let directory = self.directory.clone();
-        self.pending += 1;
         match msg {
-            super::ClusterEvent::Disconnected { uid, rooms } => {
-                ctx.spawn(
-                    async move {
-                        let left = directory.connections(&uid, &rooms, -1).await;
-                        (uid, rooms, left)
-                    }
-                    .into_actor(self)
-                    .map(|(uid, rooms, left), act, ctx| {
-                        act.pending -= 1;
-                        match left {
-                            Ok(0) => act.announce(uid, rooms, false, ctx),
-                            Ok(_) => {}
-                            Err(e) => {
-                                log::warn!("directory: disconnect of {uid} not recorded: {e}")
-                            }
-                        }
-                    }),
-                );
+            super::ClusterEvent::Disconnected { uid, sid, rooms } => {
+                self.remove_connection(uid, sid, rooms, 1, ctx);
             }
         }
+    }
+}
+
+impl ClusterBridge {
+    /// Stops counting connection `sid` of `uid`; announces the user offline when it was
+    /// their last connection anywhere. Retried while it fails, since a count left
+    /// behind would route messages here and show the user online for nothing.
+    fn remove_connection(
+        &mut self,
+        uid: String,
+        sid: u64,
+        rooms: Vec<String>,
+        attempt: u32,
+        ctx: &mut Context<Self>,
+    ) {
+        let directory = self.directory.clone();
+        self.pending += 1;
+        ctx.spawn(
+            async move {
+                let change = directory.connection(&uid, sid, &rooms, false).await;
+                (uid, rooms, change)
+            }
+            .into_actor(self)
+            .map(move |(uid, rooms, change), act, ctx| {
+                act.pending -= 1;
+                match change {
+                    Ok(change) if change.changed && change.total == 0 => {
+                        act.announce(uid, rooms, false, ctx)
+                    }
+                    Ok(_) => {}
+                    // A stopping node takes all its entries out at once.
+                    Err(_) if act.leaving => {}
+                    Err(e) if attempt < REMOVAL_ATTEMPTS => {
+                        log::warn!(
+                            "directory: removal of connection {sid} of {uid} failed (attempt {attempt}), retrying: {e}"
+                        );
+                        ctx.run_later(REMOVAL_RETRY, move |act, ctx| {
+                            act.remove_connection(uid, sid, rooms, attempt + 1, ctx)
+                        });
+                    }
+                    Err(e) => log::error!(
+                        "directory: gave up removing connection {sid} of {uid} after {attempt} attempts; it counts until node {} stops: {e}",
+                        act.node_id
+                    ),
+                }
+            }),
+        );
     }
 }
 

@@ -6,6 +6,11 @@
 //! - **Counts, not sets.** A node adds one per connection and removes one when it
 //!   closes (`HINCRBY`), so updates commute: a disconnect and a reconnect racing each
 //!   other cannot leave the directory wrong, whichever Redis sees first.
+//! - **Each connection counts once.** The node's `node_conns` set holds the session
+//!   ids the counts include, and an update changes the counts only if it changes that
+//!   set. So a removal can always be sent, and sent again: after an add that timed
+//!   out (it may or may not have landed; if it lands late, the removal that follows
+//!   it on the same connection undoes it), and as a retry after a removal failed.
 //! - **Every update is one script**, so the user's hash, the room hashes and the node's
 //!   own indexes (`node_users`, `node_rooms`, kept so a dead node can be cleaned up
 //!   without a scan) never disagree.
@@ -39,30 +44,40 @@ return {existed, live, dead}
 "#;
 
 /// KEYS: 1 user_nodes of the user, 2 node_users of this node, 3 node_rooms of this
-/// node, 4.. room_nodes of each room. ARGV: 1 node id, 2 uid, 3 delta, 4.. the rooms
-/// (ARGV[i] is the room of KEYS[i]).
-/// Returns the user's connection count over all nodes after the change.
+/// node, 4 node_conns of this node, 5.. room_nodes of each room. ARGV: 1 node id,
+/// 2 uid, 3 delta (1 or -1), 4 session id, 5.. the rooms (ARGV[i] is the room of
+/// KEYS[i]).
+/// Returns {changed (0/1), the user's connection count over all nodes afterwards}:
+/// adding a connection already counted, or removing one that is not, changes nothing.
 const CONNECTION_LUA: &str = r#"
 local node, uid, d = ARGV[1], ARGV[2], tonumber(ARGV[3])
-if redis.call('HINCRBY', KEYS[1], node, d) <= 0 then
-  redis.call('HDEL', KEYS[1], node)
-  redis.call('SREM', KEYS[2], uid)
+local changed
+if d > 0 then
+  changed = redis.call('SADD', KEYS[4], ARGV[4])
 else
-  redis.call('SADD', KEYS[2], uid)
+  changed = redis.call('SREM', KEYS[4], ARGV[4])
 end
-for i = 4, #KEYS do
-  if redis.call('HINCRBY', KEYS[i], node, d) <= 0 then
-    redis.call('HDEL', KEYS[i], node)
-    redis.call('SREM', KEYS[3], ARGV[i])
+if changed == 1 then
+  if redis.call('HINCRBY', KEYS[1], node, d) <= 0 then
+    redis.call('HDEL', KEYS[1], node)
+    redis.call('SREM', KEYS[2], uid)
   else
-    redis.call('SADD', KEYS[3], ARGV[i])
+    redis.call('SADD', KEYS[2], uid)
+  end
+  for i = 5, #KEYS do
+    if redis.call('HINCRBY', KEYS[i], node, d) <= 0 then
+      redis.call('HDEL', KEYS[i], node)
+      redis.call('SREM', KEYS[3], ARGV[i])
+    else
+      redis.call('SADD', KEYS[3], ARGV[i])
+    end
   end
 end
 local total = 0
 for _, v in ipairs(redis.call('HVALS', KEYS[1])) do
   total = total + tonumber(v)
 end
-return total
+return {changed, total}
 "#;
 
 /// KEYS: 1 nodes zset, 2.. user_nodes of each user. ARGV: 1 ttl ms.
@@ -97,7 +112,8 @@ end
 return 1
 "#;
 
-/// KEYS: 1 nodes zset, 2 node hash, 3 node_users, 4 node_rooms of the dead node.
+/// KEYS: 1 nodes zset, 2 node hash, 3 node_users, 4 node_rooms, 5 node_conns of the
+/// dead node.
 /// ARGV: 1 node id, 2 prefix of user_nodes keys, 3 prefix of room_nodes keys.
 /// Returns the users who had connections only on that node.
 const CLEANUP_LUA: &str = r#"
@@ -112,7 +128,7 @@ end
 for _, room in ipairs(redis.call('SMEMBERS', KEYS[4])) do
   redis.call('HDEL', ARGV[3] .. room, ARGV[1])
 end
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
 redis.call('ZREM', KEYS[1], ARGV[1])
 return offline
 "#;
@@ -133,8 +149,18 @@ pub struct Heartbeat {
 #[derive(Debug, Clone)]
 pub struct LocalUser {
     pub uid: String,
-    pub connections: usize,
+    /// Session ids of the user's connections here.
+    pub sessions: Vec<u64>,
     pub rooms: Vec<String>,
+}
+
+/// What one connection update did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionChange {
+    /// False when the connection was already counted (add) or was not (remove).
+    pub changed: bool,
+    /// The user's connections over the whole cluster afterwards.
+    pub total: i64,
 }
 
 pub struct Directory {
@@ -191,27 +217,35 @@ impl Directory {
         })
     }
 
-    /// Adds (`delta` > 0) or removes connections of `uid` here, counted in each of
-    /// `rooms`. Returns the user's connection count over the whole cluster afterwards.
-    pub async fn connections(
+    /// Counts connection `sid` of `uid` here (`added`) or stops counting it, in the
+    /// user's entry and in each of `rooms`. Idempotent: see [`ConnectionChange`].
+    pub async fn connection(
         &self,
         uid: &str,
+        sid: u64,
         rooms: &[String],
-        delta: i64,
-    ) -> Result<i64, StoreError> {
+        added: bool,
+    ) -> Result<ConnectionChange, StoreError> {
         let mut inv = self.connection.prepare_invoke();
         inv.key(keys::user_nodes(uid))
             .key(keys::node_users(&self.node_id))
             .key(keys::node_rooms(&self.node_id))
+            .key(keys::node_conns(&self.node_id))
             .arg(&self.node_id)
             .arg(uid)
-            .arg(delta);
+            .arg(if added { 1 } else { -1 })
+            .arg(sid);
         for room in rooms {
             inv.key(keys::room_nodes(room)).arg(room);
         }
-        inv.invoke_async(&mut self.conn.clone())
+        let (changed, total): (i64, i64) = inv
+            .invoke_async(&mut self.conn.clone())
             .await
-            .map_err(unavailable)
+            .map_err(unavailable)?;
+        Ok(ConnectionChange {
+            changed: changed == 1,
+            total,
+        })
     }
 
     /// A membership change of a user with `delta` connections here.
@@ -275,6 +309,7 @@ impl Directory {
             .key(keys::node(id))
             .key(keys::node_users(id))
             .key(keys::node_rooms(id))
+            .key(keys::node_conns(id))
             .arg(id)
             .arg(keys::user_nodes(""))
             .arg(keys::room_nodes(""))
@@ -289,10 +324,13 @@ impl Directory {
         pipe.atomic();
         let mut room_counts: std::collections::HashMap<&str, usize> = Default::default();
         for u in users {
-            pipe.hset(keys::user_nodes(&u.uid), &self.node_id, u.connections)
+            pipe.hset(keys::user_nodes(&u.uid), &self.node_id, u.sessions.len())
                 .sadd(keys::node_users(&self.node_id), &u.uid);
+            if !u.sessions.is_empty() {
+                pipe.sadd(keys::node_conns(&self.node_id), &u.sessions);
+            }
             for r in &u.rooms {
-                *room_counts.entry(r).or_default() += u.connections;
+                *room_counts.entry(r).or_default() += u.sessions.len();
             }
         }
         for (room, n) in room_counts {

@@ -41,8 +41,13 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Message, Debug, Clone)]
 #[rtype(result = "()")]
 pub enum ClusterEvent {
-    /// One connection of `uid` closed; it counted in each of `rooms`.
-    Disconnected { uid: String, rooms: Vec<String> },
+    /// Connection `sid` of `uid` closed after it was registered here; it counts in each
+    /// of `rooms` if the directory counted it at all.
+    Disconnected {
+        uid: String,
+        sid: u64,
+        rooms: Vec<String>,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,14 +83,18 @@ impl Cluster {
         }
     }
 
-    /// Records a new connection of `uid` here before it is welcomed, so any message
+    /// Records connection `sid` of `uid` here before it is welcomed, so any message
     /// stored from now on is routed to this node; announces the user if this is their
-    /// first connection anywhere.
-    pub async fn connected(&self, uid: &str, rooms: &[String]) -> Result<(), ChatError> {
-        let total = tokio::time::timeout(self.timeout, self.directory.connections(uid, rooms, 1))
-            .await
-            .unwrap_or(Err(StoreError::Timeout(self.timeout)))?;
-        if total == 1 {
+    /// first connection anywhere. On an error the record may still land later; the
+    /// removal the ChatServer sends when the connection closes undoes it.
+    pub async fn connected(&self, uid: &str, sid: u64, rooms: &[String]) -> Result<(), ChatError> {
+        let change = tokio::time::timeout(
+            self.timeout,
+            self.directory.connection(uid, sid, rooms, true),
+        )
+        .await
+        .unwrap_or(Err(StoreError::Timeout(self.timeout)))?;
+        if change.changed && change.total == 1 {
             self.bridge.do_send(Announce {
                 uid: uid.to_owned(),
                 rooms: rooms.to_vec(),

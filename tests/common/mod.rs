@@ -304,6 +304,22 @@ impl Client {
         c
     }
 
+    /// Connects as `uid` where the server is expected to close the websocket instead
+    /// of welcoming it; returns the close code and the frames before it.
+    pub async fn connect_refused(node: &TestNode, uid: &str) -> (Option<CloseCode>, Vec<Value>) {
+        let url = node.ws_url(uid);
+        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url.as_str()))
+            .await
+            .expect("connect timed out")
+            .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+        let mut c = Client {
+            uid: uid.to_owned(),
+            welcome: Value::Null,
+            ws,
+        };
+        c.expect_close().await
+    }
+
     /// The next frame whose type is one of `types`.
     pub async fn recv_type_of(&mut self, types: &[&str]) -> Value {
         loop {
@@ -428,6 +444,12 @@ impl Client {
                 Event::Closed(c) => return (c, frames),
             }
         }
+    }
+
+    /// Closes the websocket (1000) and waits for the server's close.
+    pub async fn close(mut self) {
+        self.send_raw(Message::Close(None)).await;
+        self.expect_close().await;
     }
 
     /// A direct message; returns the `sent` answer.
