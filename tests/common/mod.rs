@@ -288,15 +288,7 @@ impl Client {
     }
 
     pub async fn connect_url(url: &str, uid: &str) -> Client {
-        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
-            .await
-            .expect("connect timed out")
-            .unwrap_or_else(|e| panic!("connect {url}: {e}"));
-        let mut c = Client {
-            uid: uid.to_owned(),
-            welcome: Value::Null,
-            ws,
-        };
+        let mut c = Client::open(url, uid).await;
         let welcome = c.recv().await;
         assert_eq!(welcome["type"], "welcome", "first frame: {welcome}");
         assert_eq!(welcome["uid"], uid);
@@ -307,17 +299,23 @@ impl Client {
     /// Connects as `uid` where the server is expected to close the websocket instead
     /// of welcoming it; returns the close code and the frames before it.
     pub async fn connect_refused(node: &TestNode, uid: &str) -> (Option<CloseCode>, Vec<Value>) {
-        let url = node.ws_url(uid);
-        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url.as_str()))
+        Client::open(&node.ws_url(uid), uid)
+            .await
+            .expect_close()
+            .await
+    }
+
+    /// The websocket, upgraded, before anything is read from it.
+    async fn open(url: &str, uid: &str) -> Client {
+        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
             .await
             .expect("connect timed out")
             .unwrap_or_else(|e| panic!("connect {url}: {e}"));
-        let mut c = Client {
+        Client {
             uid: uid.to_owned(),
             welcome: Value::Null,
             ws,
-        };
-        c.expect_close().await
+        }
     }
 
     /// The next frame whose type is one of `types`.
