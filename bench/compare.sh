@@ -122,8 +122,12 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 (cd "$ROOT/bench/peers/socketio" && npm ci --no-audit --no-fund --loglevel=error)
 (cd "$ROOT" && cargo build --release --bin chatmesh --bin chatmesh-bench)
-CHATMESH=$ROOT/target/release/chatmesh
-BENCH=$ROOT/target/release/chatmesh-bench
+# cargo puts the binaries under CARGO_TARGET_DIR when it is set (relative to $ROOT, where
+# cargo ran).
+TARGET_DIR=${CARGO_TARGET_DIR:-target}
+case "$TARGET_DIR" in /*) ;; *) TARGET_DIR=$ROOT/$TARGET_DIR ;; esac
+CHATMESH=$TARGET_DIR/release/chatmesh
+BENCH=$TARGET_DIR/release/chatmesh-bench
 SIO=$ROOT/bench/peers/socketio/server.js
 
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true

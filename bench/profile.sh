@@ -16,7 +16,9 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SCENARIO=${1:?scenario: direct or room}
 RATE=${2:?rate per sender}
 case "$SCENARIO" in direct|room) ;; *) echo "scenario: direct or room" >&2; exit 2 ;; esac
-BIN=$ROOT/target/release
+TARGET_DIR=${CARGO_TARGET_DIR:-target}
+case "$TARGET_DIR" in /*) ;; *) TARGET_DIR=$ROOT/$TARGET_DIR ;; esac
+BIN=$TARGET_DIR/release
 command -v perf >/dev/null || { echo "perf is missing (apt-get install linux-perf)" >&2; exit 2; }
 [ -x "$BIN/chatmesh" ] && [ -x "$BIN/chatmesh-bench" ] || { echo "build first: cargo build --release --bin chatmesh --bin chatmesh-bench" >&2; exit 2; }
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
