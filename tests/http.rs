@@ -355,46 +355,27 @@ async fn server_api() {
 
 #[test]
 fn binary_logs_listening_on_and_exits_0_on_sigterm() {
-    use std::io::{BufRead, BufReader};
-    let port = common::free_port();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_chatmesh"))
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args([
-            "--internal-listen",
-            &format!("127.0.0.1:{}", common::free_port()),
-        ])
-        .env("RUST_LOG", "info")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run chatmesh");
-    let stderr = child.stderr.take().unwrap();
-    // Read the log on a thread so a missing line fails on the deadline, not a hang.
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = std::time::Instant::now() + common::WAIT;
-    let ready = loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        let line = rx.recv_timeout(left).expect("no 'listening on' line");
-        if line.contains("listening on") {
-            break line;
-        }
-    };
-    assert!(ready.contains(&format!("127.0.0.1:{port}")), "{ready}");
-    let r = common::http_blocking(
-        "GET",
-        &format!("http://127.0.0.1:{port}/healthz"),
-        &[],
-        None,
-    )
-    .unwrap();
+    let mut node = common::LoggedProcess::spawn(
+        std::process::Command::new(env!("CARGO_BIN_EXE_chatmesh"))
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--internal-listen",
+                "127.0.0.1:0",
+            ])
+            .env("RUST_LOG", "info"),
+    );
+    // the address it logs is the one it bound (port 0 asked for any), and it answers
+    let addr = node.public_address();
+    assert!(
+        addr.starts_with("127.0.0.1:") && !addr.ends_with(":0"),
+        "{addr}"
+    );
+    let r = common::http_blocking("GET", &format!("http://{addr}/healthz"), &[], None).unwrap();
     assert_eq!(r.status, 200);
     std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &node.child.id().to_string()])
         .status()
         .unwrap();
-    assert_eq!(child.wait().unwrap().code(), Some(0));
+    assert_eq!(node.child.wait().unwrap().code(), Some(0));
 }

@@ -535,6 +535,67 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A child process whose log (stderr) is read line by line on a thread, so a test can
+/// wait for a line with a deadline and show the log when it does not come.
+pub struct LoggedProcess {
+    pub child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl LoggedProcess {
+    pub fn spawn(cmd: &mut std::process::Command) -> LoggedProcess {
+        use std::io::{BufRead, BufReader};
+        let mut child = cmd
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn chatmesh");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        LoggedProcess {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// The public address a node logs once it listens (`listening on http://ADDR ...`).
+    pub fn public_address(&mut self) -> String {
+        let line = self.wait_for("listening on http://");
+        line.split("listening on http://")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
+            .to_owned()
+    }
+
+    /// The first log line from now on that contains `needle`. Panics with the log so
+    /// far if the process ends first or [`WAIT`] passes.
+    pub fn wait_for(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(line) => self.seen.push(line),
+                Err(e) => panic!(
+                    "no log line with {needle:?} ({e}; exit status {:?}); the log:\n{}",
+                    self.child.try_wait().ok().flatten(),
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+}
+
 /// A node running as its own `chatmesh` process, for tests that must kill it.
 pub struct ProcessNode {
     pub base: String,
@@ -544,32 +605,36 @@ pub struct ProcessNode {
 }
 
 impl ProcessNode {
+    /// Starts the binary on port 0 for both listeners and learns its address from its
+    /// `listening on` log line, so no other test can take the port in between.
     pub fn start(redis_url: &str, node_id: &str) -> ProcessNode {
-        let public = free_port();
-        let internal = free_port();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_chatmesh"))
-            .args(["--listen", &format!("127.0.0.1:{public}")])
-            .args(["--internal-listen", &format!("127.0.0.1:{internal}")])
-            .args(["--redis-url", redis_url])
-            .args(["--cluster-secret", "test-cluster-secret"])
-            .args(["--node-id", node_id])
-            .args([
-                "--heartbeat-ms",
-                "100",
-                "--node-ttl-ms",
-                "1000",
-                "--workers",
-                "1",
-            ])
-            .env("RUST_LOG", "warn")
-            .stdin(std::process::Stdio::null())
-            .spawn()
-            .expect("spawn chatmesh");
+        let mut proc = LoggedProcess::spawn(
+            std::process::Command::new(env!("CARGO_BIN_EXE_chatmesh"))
+                .args([
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--internal-listen",
+                    "127.0.0.1:0",
+                ])
+                .args(["--redis-url", redis_url])
+                .args(["--cluster-secret", "test-cluster-secret"])
+                .args(["--node-id", node_id])
+                .args([
+                    "--heartbeat-ms",
+                    "100",
+                    "--node-ttl-ms",
+                    "1000",
+                    "--workers",
+                    "1",
+                ])
+                .env("RUST_LOG", "warn,chatmesh=info"),
+        );
+        let addr = proc.public_address();
         let node = ProcessNode {
-            base: format!("http://127.0.0.1:{public}"),
-            ws: format!("ws://127.0.0.1:{public}/ws"),
+            base: format!("http://{addr}"),
+            ws: format!("ws://{addr}/ws"),
             node_id: node_id.to_owned(),
-            child,
+            child: proc.child,
         };
         wait_ready(&node.base, node_id, || false);
         node
