@@ -355,16 +355,8 @@ async fn server_api() {
 
 #[test]
 fn binary_logs_listening_on_and_exits_0_on_sigterm() {
-    let mut node = common::LoggedProcess::spawn(
-        std::process::Command::new(env!("CARGO_BIN_EXE_chatmesh"))
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--internal-listen",
-                "127.0.0.1:0",
-            ])
-            .env("RUST_LOG", "info"),
-    );
+    let mut node =
+        common::LoggedProcess::spawn(common::chatmesh_on_port_0().env("RUST_LOG", "info"));
     // the address it logs is the one it bound (port 0 asked for any), and it answers
     let addr = node.public_address();
     assert!(

@@ -535,6 +535,19 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The chatmesh binary with both listeners on port 0 of 127.0.0.1: the kernel picks free
+/// ports and the node logs which (see [`LoggedProcess::public_address`]).
+pub fn chatmesh_on_port_0() -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_chatmesh"));
+    cmd.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--internal-listen",
+        "127.0.0.1:0",
+    ]);
+    cmd
+}
+
 /// A child process whose log (stderr) is read line by line on a thread, so a test can
 /// wait for a line with a deadline and show the log when it does not come.
 pub struct LoggedProcess {
@@ -609,13 +622,7 @@ impl ProcessNode {
     /// `listening on` log line, so no other test can take the port in between.
     pub fn start(redis_url: &str, node_id: &str) -> ProcessNode {
         let mut proc = LoggedProcess::spawn(
-            std::process::Command::new(env!("CARGO_BIN_EXE_chatmesh"))
-                .args([
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--internal-listen",
-                    "127.0.0.1:0",
-                ])
+            chatmesh_on_port_0()
                 .args(["--redis-url", redis_url])
                 .args(["--cluster-secret", "test-cluster-secret"])
                 .args(["--node-id", node_id])
