@@ -1,11 +1,14 @@
 //! The chat rules shared by websocket sessions and the server HTTP API: validate, store,
-//! then deliver. A message is handed to delivery only after the store accepted it, so
-//! whatever a sender saw confirmed is never lost.
+//! then deliver. A message is handed to delivery only after the store committed it, so
+//! whatever a sender saw confirmed is never lost; and it is handed to delivery even when
+//! its sender stopped waiting (the store call runs on its own task), so a message the
+//! store kept never silently misses the live path.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
@@ -13,15 +16,22 @@ use crate::cluster::Cluster;
 use crate::config::Limits;
 use crate::metrics::Metrics;
 use crate::protocol::{
-    dm_conv, room_conv, valid_id, Conv, ErrorCode, Message, Sent, MAX_CLIENT_ID_LEN,
+    dm_conv, now_ms, room_conv, valid_id, Conv, ErrorCode, Message, Sent, MAX_CLIENT_ID_LEN,
     MAX_HISTORY_LIMIT, MAX_PRESENCE_UIDS, SYNC_LATEST, SYNC_PAGE,
 };
 use crate::registry::SessionId;
 use crate::server::{ChatServer, Fanout, LocalOnline, Membership};
-use crate::store::{NewMessage, Page, Range, ReadRequest, SharedStore, StoreError};
+use crate::store::{
+    By, Joined, NewMessage, NewRoom, Page, Range, ReadRequest, Refusal, Role, RoomInfo,
+    SharedStore, StoreError,
+};
 
 /// Most cursors one `sync` frame may carry.
 pub const MAX_SYNC_CURSORS: usize = 10_000;
+/// Conversations one `sync` answer reads; the others are listed in `more`.
+pub const SYNC_CONVS: usize = 20;
+/// Members `room_info` lists (the count is exact).
+pub const ROOM_INFO_MEMBERS: usize = 1000;
 
 /// Why a chat operation was refused; each maps to an error code of the contract.
 #[derive(Debug, thiserror::Error)]
@@ -31,7 +41,7 @@ pub enum ChatError {
     #[error("body is {len} bytes; the limit is {max}")]
     TooLarge { len: usize, max: usize },
     #[error("{0}")]
-    NotMember(String),
+    Refused(Refusal),
     #[error("store unavailable, retry with the same client_id: {0}")]
     Unavailable(String),
 }
@@ -41,21 +51,36 @@ impl ChatError {
         match self {
             ChatError::Invalid(_) => ErrorCode::Invalid,
             ChatError::TooLarge { .. } => ErrorCode::TooLarge,
-            ChatError::NotMember(_) => ErrorCode::NotMember,
+            ChatError::Refused(r) => match r {
+                Refusal::NotMember(_) => ErrorCode::NotMember,
+                Refusal::Forbidden(_) => ErrorCode::Forbidden,
+                Refusal::NotFound(_) => ErrorCode::NotFound,
+                Refusal::Conflict(_) => ErrorCode::Conflict,
+                Refusal::Limit(_) => ErrorCode::Limit,
+                Refusal::Invalid(_) => ErrorCode::Invalid,
+            },
             ChatError::Unavailable(_) => ErrorCode::Unavailable,
         }
+    }
+
+    fn not_member(message: String) -> Self {
+        ChatError::Refused(Refusal::NotMember(message))
     }
 }
 
 impl From<StoreError> for ChatError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::NotMember { room, .. } => {
-                ChatError::NotMember(format!("join room {room} first"))
-            }
+            StoreError::Refused(r) => ChatError::Refused(r),
             other => ChatError::Unavailable(other.to_string()),
         }
     }
+}
+
+fn bad_id(what: &str) -> ChatError {
+    ChatError::Invalid(format!(
+        "{what} must be 1 to 64 characters of A-Z a-z 0-9 _ . -"
+    ))
 }
 
 /// Where a message goes.
@@ -65,23 +90,52 @@ pub enum Target {
     Room(String),
 }
 
-/// A send request, from a websocket or the HTTP API.
+/// A message to send, from a websocket or the HTTP API.
 #[derive(Debug, Clone)]
-pub struct Send {
+pub struct Outgoing {
     pub from: String,
     pub target: Target,
     pub body: String,
     pub client_id: Option<String>,
     /// The sending connection (gets `sent`, not a copy); None for the HTTP API.
     pub origin: Option<SessionId>,
-    /// Users must be room members; the API may post to any room.
-    pub require_member: bool,
+    /// A user (membership required) or the server API (may post to any room).
+    pub by: By,
 }
 
 /// The answer to a `sync`.
 pub struct Synced {
     pub pages: Vec<Page>,
     pub more: Vec<String>,
+}
+
+/// Hands stored messages to this node's sessions and, in a cluster, to the peers
+/// that hold recipients. Cheap to clone, so a detached store call can deliver.
+#[derive(Clone)]
+pub struct Delivery {
+    server: Addr<ChatServer>,
+    cluster: Option<Cluster>,
+}
+
+impl Delivery {
+    /// Waits for room in the ChatServer's and the bridge's mailboxes (bounded), so a
+    /// node under load slows its senders instead of dropping their messages.
+    pub async fn deliver(&self, message: Arc<Message>, origin: Option<SessionId>) {
+        if let Some(cluster) = &self.cluster {
+            cluster.route(message.clone()).await;
+        }
+        if self
+            .server
+            .send(Fanout {
+                message,
+                exclude: origin,
+            })
+            .await
+            .is_err()
+        {
+            log::warn!("the ChatServer has stopped: a stored message was not delivered live");
+        }
+    }
 }
 
 pub struct Chat {
@@ -91,13 +145,10 @@ pub struct Chat {
     pub cluster: Option<Cluster>,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
+    /// Deadline of every store call.
+    pub timeout: Duration,
+    delivery: Delivery,
     next_sid: AtomicU64,
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Chat {
@@ -108,14 +159,20 @@ impl Chat {
         cluster: Option<Cluster>,
         metrics: Arc<Metrics>,
         limits: Limits,
+        timeout: Duration,
     ) -> Self {
         Chat {
             node_id,
             store,
+            delivery: Delivery {
+                server: server.clone(),
+                cluster: cluster.clone(),
+            },
             server,
             cluster,
             metrics,
             limits,
+            timeout,
             next_sid: AtomicU64::new(1),
         }
     }
@@ -124,53 +181,47 @@ impl Chat {
         self.next_sid.fetch_add(1, Ordering::Relaxed)
     }
 
-    async fn timed<T>(
+    pub fn epoch(&self) -> &str {
+        self.store.epoch()
+    }
+
+    /// A store call with the store deadline, timed for the metrics.
+    async fn call<T>(
         &self,
-        fut: impl std::future::Future<Output = Result<T, StoreError>>,
+        fut: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
         let start = Instant::now();
-        let r = fut.await;
+        let r = tokio::time::timeout(self.timeout, fut)
+            .await
+            .unwrap_or(Err(StoreError::Timeout(self.timeout)));
         self.metrics
             .store_latency
             .observe(start.elapsed().as_secs_f64());
         r
     }
 
-    /// Checks a send without touching the store.
-    pub fn validate(&self, send: &Send) -> Result<(), ChatError> {
-        if !valid_id(&send.from) {
-            return Err(ChatError::Invalid(
-                "from must be 1 to 64 characters of A-Z a-z 0-9 _ . -".into(),
-            ));
+    /// Whether the store answers within the deadline (for `/readyz`).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.call(self.store.ping()).await
+    }
+
+    /// Checks a message without touching the store.
+    pub fn validate(&self, out: &Outgoing) -> Result<(), ChatError> {
+        if !valid_id(&out.from) {
+            return Err(bad_id("from"));
         }
-        match &send.target {
-            Target::User(to) if !valid_id(to) => {
-                return Err(ChatError::Invalid(
-                    "to must be 1 to 64 characters of A-Z a-z 0-9 _ . -".into(),
-                ))
-            }
-            Target::User(to) if *to == send.from => {
+        match &out.target {
+            Target::User(to) if !valid_id(to) => return Err(bad_id("to")),
+            Target::User(to) if *to == out.from => {
                 return Err(ChatError::Invalid(
                     "cannot send a direct message to yourself".into(),
                 ))
             }
-            Target::Room(room) if !valid_id(room) => {
-                return Err(ChatError::Invalid(
-                    "room must be 1 to 64 characters of A-Z a-z 0-9 _ . -".into(),
-                ))
-            }
+            Target::Room(room) if !valid_id(room) => return Err(bad_id("room")),
             _ => {}
         }
-        if send.body.is_empty() {
-            return Err(ChatError::Invalid("body must not be empty".into()));
-        }
-        if send.body.len() > self.limits.max_body_bytes {
-            return Err(ChatError::TooLarge {
-                len: send.body.len(),
-                max: self.limits.max_body_bytes,
-            });
-        }
-        if let Some(c) = &send.client_id {
+        self.check_body(&out.body)?;
+        if let Some(c) = &out.client_id {
             if c.is_empty() || c.len() > MAX_CLIENT_ID_LEN {
                 return Err(ChatError::Invalid(format!(
                     "client_id must be 1 to {MAX_CLIENT_ID_LEN} bytes"
@@ -180,34 +231,71 @@ impl Chat {
         Ok(())
     }
 
+    fn check_body(&self, body: &str) -> Result<(), ChatError> {
+        if body.is_empty() {
+            return Err(ChatError::Invalid("body must not be empty".into()));
+        }
+        if body.len() > self.limits.max_body_bytes {
+            return Err(ChatError::TooLarge {
+                len: body.len(),
+                max: self.limits.max_body_bytes,
+            });
+        }
+        Ok(())
+    }
+
     /// Stores a message, then delivers it to every other connection that should have it.
-    pub async fn send(&self, send: Send) -> Result<Sent, ChatError> {
-        self.validate(&send)?;
-        let (conv, to, room) = match &send.target {
-            Target::User(to) => (dm_conv(&send.from, to), Some(to.clone()), None),
-            Target::Room(room) => (room_conv(room), None, Some(room.clone())),
+    pub async fn send(&self, out: Outgoing) -> Result<Sent, ChatError> {
+        self.validate(&out)?;
+        let conv = match &out.target {
+            Target::User(to) => dm_conv(&out.from, to),
+            Target::Room(room) => room_conv(room),
         };
         let new = NewMessage {
             conv,
-            from: send.from,
-            to,
-            room,
-            body: send.body,
-            client_id: send.client_id.clone(),
+            from: out.from,
+            body: Some(out.body),
+            change: None,
+            client_id: out.client_id,
             id: uuid::Uuid::new_v4().to_string(),
             ts: now_ms(),
-            require_member: send.require_member && matches!(send.target, Target::Room(_)),
+            by: out.by,
         };
-        let appended = self.timed(self.store.append(new)).await?;
-        if !appended.duplicate {
-            self.metrics.messages_stored.inc();
-        }
-        let message = Arc::new(appended.message);
-        // A resend is delivered again: the first attempt may have timed out before its
-        // delivery, and clients deduplicate by (conv, seq).
-        self.deliver(message.clone(), appended.nodes, send.origin);
+        self.append(new, out.origin).await
+    }
+
+    /// Stores `new` on a task of its own and delivers it from there, so a message the
+    /// store kept is delivered even if this caller's deadline passes first (the client
+    /// then resends with the same client id and gets the same `sent`).
+    pub async fn append(
+        &self,
+        new: NewMessage,
+        origin: Option<SessionId>,
+    ) -> Result<Sent, ChatError> {
+        let client_id = new.client_id.clone();
+        let store = self.store.clone();
+        let delivery = self.delivery.clone();
+        let metrics = self.metrics.clone();
+        let start = Instant::now();
+        let task = tokio::spawn(async move {
+            let appended = store.append(new).await?;
+            metrics.store_latency.observe(start.elapsed().as_secs_f64());
+            if !appended.duplicate {
+                metrics.messages_stored.inc();
+            }
+            let message = Arc::new(appended.message);
+            // A resend is delivered again: the first attempt's node may have died
+            // between its commit and its delivery. Clients deduplicate by (conv, seq).
+            delivery.deliver(message.clone(), origin).await;
+            Ok::<_, StoreError>(message)
+        });
+        let message = match tokio::time::timeout(self.timeout, task).await {
+            Ok(Ok(r)) => r?,
+            Ok(Err(e)) => return Err(ChatError::Unavailable(format!("store task failed: {e}"))),
+            Err(_) => return Err(StoreError::Timeout(self.timeout).into()),
+        };
         Ok(Sent {
-            client_id: send.client_id,
+            client_id,
             conv: message.conv.clone(),
             seq: message.seq,
             id: message.id.clone(),
@@ -215,83 +303,153 @@ impl Chat {
         })
     }
 
-    /// Hands a stored message to local sessions and, in a cluster, to the peers that
-    /// hold recipients (`nodes`, as the store's directory said when it stored it).
-    pub fn deliver(
-        &self,
-        message: Arc<Message>,
-        nodes: Option<Vec<String>>,
-        origin: Option<SessionId>,
-    ) {
-        if let (Some(cluster), Some(nodes)) = (&self.cluster, nodes) {
-            cluster.route(message.clone(), nodes);
-        }
-        self.server.do_send(Fanout {
-            message,
-            exclude: origin,
-        });
-    }
-
-    /// Joins (`joined`) or leaves a room.
-    pub async fn change_membership(
-        &self,
-        uid: &str,
-        room: &str,
-        joined: bool,
-    ) -> Result<(), ChatError> {
-        if !valid_id(room) {
-            return Err(ChatError::Invalid(
-                "room must be 1 to 64 characters of A-Z a-z 0-9 _ . -".into(),
-            ));
-        }
-        let changed = if joined {
-            self.timed(self.store.join(uid, room)).await?
+    fn check_room(room: &str) -> Result<(), ChatError> {
+        if valid_id(room) {
+            Ok(())
         } else {
-            self.timed(self.store.leave(uid, room)).await?
-        };
-        // Applied here (and in the directory) before the client hears `joined`, so
-        // every room message stored after that answer is routed to this node.
-        self.apply_membership(uid, room, joined).await?;
-        if let (Some(cluster), true) = (&self.cluster, changed) {
-            cluster.membership_changed(uid, room, joined);
+            Err(bad_id("room"))
         }
-        Ok(())
     }
 
-    /// Makes this node's sessions of `uid` follow a membership the store already holds
-    /// (sent even when the store saw no change: a membership made on another node
-    /// becomes known here), and records the change in the cluster directory.
-    pub async fn apply_membership(
+    /// `join`: member of a public room, or owner of a new one (contract section 7).
+    pub async fn join(
+        &self,
+        uid: &str,
+        room: &str,
+        origin: Option<SessionId>,
+    ) -> Result<Joined, ChatError> {
+        Self::check_room(room)?;
+        let joined = self.call(self.store.join(uid, room)).await?;
+        self.follow(uid, room, true, Some(joined.members), None, origin)
+            .await?;
+        Ok(joined)
+    }
+
+    /// `leave`.
+    pub async fn leave(
+        &self,
+        uid: &str,
+        room: &str,
+        origin: Option<SessionId>,
+    ) -> Result<(), ChatError> {
+        Self::check_room(room)?;
+        self.call(self.store.leave(uid, room)).await?;
+        self.follow(uid, room, false, None, None, origin).await
+    }
+
+    /// `create` (a user: they own it) or `POST /api/rooms` (the server).
+    pub async fn create(
+        &self,
+        by: &By,
+        room: NewRoom,
+        origin: Option<SessionId>,
+    ) -> Result<RoomInfo, ChatError> {
+        Self::check_room(&room.room)?;
+        if let Some(bad) = room
+            .owners
+            .iter()
+            .chain(&room.members)
+            .find(|u| !valid_id(u))
+        {
+            return Err(ChatError::Invalid(format!(
+                "{:?} is not a valid user id",
+                bad.chars().take(70).collect::<String>()
+            )));
+        }
+        let info = self.call(self.store.create_room(by, room)).await?;
+        for uid in &info.members {
+            let by_user = by.user().filter(|u| *u != uid.as_str());
+            let origin = if by.user() == Some(uid) { origin } else { None };
+            self.follow(uid, &info.room, true, Some(info.count), by_user, origin)
+                .await?;
+        }
+        Ok(info)
+    }
+
+    /// `add` (owners) or `PUT /api/rooms/R/members/U` (the server).
+    pub async fn add(&self, by: &By, room: &str, uid: &str, role: Role) -> Result<(), ChatError> {
+        Self::check_room(room)?;
+        if !valid_id(uid) {
+            return Err(bad_id("uid"));
+        }
+        let added = self
+            .call(self.store.add_member(by, room, uid, role))
+            .await?;
+        self.follow(uid, room, true, Some(added.members), by.user(), None)
+            .await
+    }
+
+    /// `remove` (owners) or `DELETE /api/rooms/R/members/U` (the server). The removal
+    /// is in force on every node holding the user before this answers.
+    pub async fn remove(&self, by: &By, room: &str, uid: &str, ban: bool) -> Result<(), ChatError> {
+        Self::check_room(room)?;
+        if !valid_id(uid) {
+            return Err(bad_id("uid"));
+        }
+        let removed = self
+            .call(self.store.remove_member(by, room, uid, ban))
+            .await?;
+        self.follow(uid, room, false, Some(removed.members), by.user(), None)
+            .await
+    }
+
+    /// `room_info`.
+    pub async fn room_info(&self, by: &By, room: &str) -> Result<RoomInfo, ChatError> {
+        Self::check_room(room)?;
+        Ok(self
+            .call(self.store.room_info(by, room, ROOM_INFO_MEMBERS))
+            .await?)
+    }
+
+    /// Makes every node's sessions of `uid` follow a membership the store holds: this
+    /// node's first (and its directory entry, before the caller answers, so every room
+    /// message stored afterwards is routed here), then the other nodes holding the
+    /// user's connections.
+    async fn follow(
         &self,
         uid: &str,
         room: &str,
         joined: bool,
+        members: Option<u64>,
+        by: Option<&str>,
+        origin: Option<SessionId>,
     ) -> Result<(), ChatError> {
-        let change = |joined| Membership {
+        let change = Membership {
             uid: uid.to_owned(),
             room: room.to_owned(),
             joined,
+            members,
+            by: by.map(str::to_owned),
+            origin,
         };
-        let delta = self
+        let recorded = self
             .server
-            .send(change(joined))
+            .send(change.clone())
             .await
             .map_err(|e| ChatError::Unavailable(e.to_string()))?;
-        if let (Some(cluster), true) = (&self.cluster, delta != 0) {
-            if let Err(e) = cluster.room_delta(room, delta).await {
-                // Undo the local change so that a retry records it again.
-                let _ = self.server.send(change(!joined)).await;
-                return Err(e);
+        if let Some(recorded) = recorded {
+            if !matches!(
+                tokio::time::timeout(self.timeout, recorded).await,
+                Ok(Ok(true))
+            ) {
+                return Err(ChatError::Unavailable(
+                    "the cluster directory did not record the change in time".into(),
+                ));
             }
+        }
+        if let Some(cluster) = &self.cluster {
+            cluster.membership(change).await;
         }
         Ok(())
     }
 
-    pub async fn rooms_of(&self, uid: &str) -> Result<Vec<String>, ChatError> {
-        Ok(self.timed(self.store.rooms_of(uid)).await?)
+    /// The rooms of `uid` with their sizes.
+    pub async fn rooms_of(&self, uid: &str) -> Result<Vec<crate::store::UserRoom>, ChatError> {
+        Ok(self.call(self.store.rooms_of(uid)).await?)
     }
 
-    /// Catch-up for every conversation of `uid` (contract: `sync`).
+    /// Catch-up for the conversations of `uid` (contract: `sync`), bounded: at most
+    /// [`SYNC_CONVS`] conversations are read, and `more` lists every one not complete.
     pub async fn sync(
         &self,
         uid: &str,
@@ -302,42 +460,68 @@ impl Chat {
                 "at most {MAX_SYNC_CURSORS} cursors per sync"
             )));
         }
-        let convs = self.timed(self.store.conversations_of(uid)).await?;
-        let requests: Vec<ReadRequest> = convs
-            .into_iter()
-            .map(|conv| {
-                let range = match cursors.get(&conv) {
-                    Some(&after) => Range::After {
+        let convs = self.call(self.store.conversations(uid)).await?;
+        let mut wanted: Vec<ReadRequest> = Vec::new();
+        let mut after_cursor: Vec<bool> = Vec::new();
+        for c in convs {
+            let (range, is_after) = match cursors.get(&c.conv) {
+                Some(&after) if c.last_seq > after => (
+                    Range::After {
                         after,
                         limit: SYNC_PAGE,
                     },
-                    None => Range::Before {
+                    true,
+                ),
+                Some(_) => continue,
+                None if c.delivered > 0 && c.last_seq > c.delivered => (
+                    Range::After {
+                        after: c.delivered,
+                        limit: SYNC_PAGE,
+                    },
+                    true,
+                ),
+                None if c.delivered > 0 || c.last_seq == 0 => continue,
+                None => (
+                    Range::Before {
                         before: None,
                         limit: SYNC_LATEST,
                     },
-                };
-                ReadRequest { conv, range }
-            })
+                    false,
+                ),
+            };
+            wanted.push(ReadRequest {
+                conv: c.conv,
+                range,
+            });
+            after_cursor.push(is_after);
+        }
+        let later: Vec<String> = wanted
+            .iter()
+            .skip(SYNC_CONVS)
+            .map(|r| r.conv.clone())
             .collect();
-        let pages = if requests.is_empty() {
+        wanted.truncate(SYNC_CONVS);
+        let pages = if wanted.is_empty() {
             Vec::new()
         } else {
-            self.timed(self.store.read(requests)).await?
+            self.call(self.store.read(wanted)).await?
         };
-        // Only a cursor read has "more after the cursor"; the latest-20 read's `more`
-        // means older history, which sync does not page through.
-        let more = pages
+        // Only a read after a cursor or mark has "more after it"; the latest-20 read's
+        // `more` means older history, which sync does not page through.
+        let mut more: Vec<String> = pages
             .iter()
-            .filter(|p| p.more && cursors.contains_key(&p.conv))
-            .map(|p| p.conv.clone())
+            .zip(&after_cursor)
+            .filter(|(p, after)| p.more && **after)
+            .map(|(p, _)| p.conv.clone())
             .collect();
+        more.extend(later);
         Ok(Synced { pages, more })
     }
 
-    /// A page of history of a conversation `uid` may read.
+    /// A page of history of a conversation `by` may read.
     pub async fn history(
         &self,
-        uid: Option<&str>,
+        by: &By,
         conv: &str,
         before: Option<u64>,
         limit: Option<u64>,
@@ -347,14 +531,15 @@ impl Chat {
                 "conv must be dm:A:B (A < B) or room:R".into(),
             ));
         };
-        if let Some(uid) = uid {
+        if let By::User(uid) = by {
             match parsed {
                 Conv::Dm(..) if !parsed.dm_includes(uid) => {
-                    return Err(ChatError::NotMember(format!("{conv} is not yours")))
+                    return Err(ChatError::not_member(format!("{conv} is not yours")))
                 }
                 Conv::Room(room) => {
-                    if !self.timed(self.store.is_member(uid, room)).await? {
-                        return Err(ChatError::NotMember(format!("join room {room} first")));
+                    let role = self.call(self.store.role(uid, room)).await?;
+                    if !matches!(role, Some(Role::Owner | Role::Member)) {
+                        return Err(ChatError::not_member(format!("join room {room} first")));
                     }
                 }
                 Conv::Dm(..) => {}
@@ -366,7 +551,7 @@ impl Chat {
             Some(l) => (l as usize).min(MAX_HISTORY_LIMIT),
         };
         let mut pages = self
-            .timed(self.store.read(vec![ReadRequest {
+            .call(self.store.read(vec![ReadRequest {
                 conv: conv.to_owned(),
                 range: Range::Before { before, limit },
             }]))

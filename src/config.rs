@@ -11,6 +11,7 @@ use clap::Parser;
 use serde::Deserialize;
 
 use crate::protocol::valid_id;
+use crate::store::{url_kind, RoomCreation, StoreLimits, UrlKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -35,8 +36,9 @@ pub enum ConfigError {
     version,
     about = "A distributed websocket chat server",
     long_about = "A distributed websocket chat server. Without --redis-url it runs as a single \
-                  node on an embedded in-memory store; with it, any number of nodes share Redis \
-                  and deliver to each other."
+                  node on its embedded SQLite database (chatmesh.db); with --redis-url and a \
+                  PostgreSQL --database-url, any number of nodes share the database and deliver \
+                  to each other."
 )]
 #[serde(deny_unknown_fields)]
 pub struct Layer {
@@ -56,6 +58,10 @@ pub struct Layer {
     /// Unique id of this node [default: random, printed at start]
     #[arg(long, env = "CHATMESH_NODE_ID")]
     pub node_id: Option<String>,
+    /// Where messages, rooms and marks live: sqlite://PATH, postgres://... (required in
+    /// cluster mode) or memory: (lost at exit) [default: sqlite://chatmesh.db]
+    #[arg(long, env = "CHATMESH_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
     /// Redis URL (redis:// or redis+unix://); set means cluster mode
     #[arg(long, env = "CHATMESH_REDIS_URL")]
     pub redis_url: Option<String>,
@@ -80,9 +86,20 @@ pub struct Layer {
     /// Longest message body in bytes [default: 4096]
     #[arg(long, env = "CHATMESH_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
-    /// Messages kept per conversation [default: 10000]
-    #[arg(long, env = "CHATMESH_HISTORY_PER_CONV")]
-    pub history_per_conv: Option<usize>,
+    /// Messages older than this many days are deleted [default: kept forever]
+    #[arg(long, env = "CHATMESH_RETENTION_DAYS")]
+    pub retention_days: Option<u64>,
+    /// Rooms one user may belong to [default: 1000]
+    #[arg(long, env = "CHATMESH_ROOMS_PER_USER")]
+    pub rooms_per_user: Option<usize>,
+    /// Who creates rooms: open (any user, by join or create) or api (the server API only)
+    /// [default: open]
+    #[arg(long, env = "CHATMESH_ROOM_CREATION")]
+    pub room_creation: Option<String>,
+    /// Largest room whose members get live receipts, typing and room presence events
+    /// [default: 100]
+    #[arg(long, env = "CHATMESH_LIVE_ROOM_SIZE")]
+    pub live_room_size: Option<u64>,
     /// Frames per second one connection may send [default: 100]
     #[arg(long, env = "CHATMESH_RATE_PER_SEC")]
     pub rate_per_sec: Option<f64>,
@@ -132,6 +149,7 @@ impl Layer {
             internal_listen,
             advertise,
             node_id,
+            database_url,
             redis_url,
             cluster_secret,
             jwt_secret,
@@ -140,7 +158,10 @@ impl Layer {
             node_ttl_ms,
             max_frame_bytes,
             max_body_bytes,
-            history_per_conv,
+            retention_days,
+            rooms_per_user,
+            room_creation,
+            live_room_size,
             rate_per_sec,
             rate_burst,
             flood_strikes,
@@ -171,12 +192,12 @@ impl Layer {
 pub struct Limits {
     pub max_frame_bytes: usize,
     pub max_body_bytes: usize,
-    pub history_per_conv: usize,
     pub rate_per_sec: f64,
     pub rate_burst: f64,
     pub flood_strikes: f64,
     pub outbound_queue: usize,
-    pub idempotency_ttl: Duration,
+    /// Largest room whose members get live receipts, typing and room presence events.
+    pub live_room_size: u64,
 }
 
 /// The resolved settings of one node.
@@ -187,6 +208,7 @@ pub struct Settings {
     /// `None` until the internal listener is bound: then `http://<its address>`.
     pub advertise: Option<String>,
     pub node_id: String,
+    pub database_url: String,
     pub redis_url: Option<String>,
     pub cluster_secret: Option<String>,
     pub jwt_secret: Option<String>,
@@ -194,6 +216,8 @@ pub struct Settings {
     pub heartbeat: Duration,
     pub node_ttl: Duration,
     pub limits: Limits,
+    /// What the store enforces: idempotency window, retention, rooms per user, creation.
+    pub store: StoreLimits,
     /// Empty: same host only. `*`: any origin.
     pub allowed_origins: Vec<String>,
     pub store_timeout: Duration,
@@ -248,6 +272,34 @@ impl Settings {
                     .into(),
             ));
         }
+        let database_url = l
+            .database_url
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| "sqlite://chatmesh.db".into());
+        match (url_kind(&database_url), &redis_url) {
+            (None, _) => {
+                return Err(ConfigError::Invalid(format!(
+                    "--database-url {database_url:?} is not sqlite://PATH, postgres://... or memory:"
+                )))
+            }
+            (Some(UrlKind::Sqlite | UrlKind::Memory), Some(_)) => {
+                return Err(ConfigError::Invalid(
+                    "cluster mode (--redis-url) needs a PostgreSQL --database-url (postgres://...): \
+                     the nodes must share one database, and sqlite:// or memory: is one node's own"
+                        .into(),
+                ))
+            }
+            _ => {}
+        }
+        let room_creation = match l.room_creation.as_deref() {
+            None | Some("open") => RoomCreation::Open,
+            Some("api") => RoomCreation::Api,
+            Some(other) => {
+                return Err(ConfigError::Invalid(format!(
+                    "--room-creation {other:?} must be open or api"
+                )))
+            }
+        };
         if let Some(a) = &l.advertise {
             if !(a.starts_with("http://") || a.starts_with("https://")) {
                 return Err(ConfigError::Invalid(format!(
@@ -265,25 +317,39 @@ impl Settings {
         let limits = Limits {
             max_frame_bytes: l.max_frame_bytes.unwrap_or(64 * 1024).max(1024),
             max_body_bytes: l.max_body_bytes.unwrap_or(4096).max(1),
-            history_per_conv: l.history_per_conv.unwrap_or(10_000).max(1),
             rate_per_sec: positive("rate_per_sec", l.rate_per_sec.unwrap_or(100.0))?,
             rate_burst: positive("rate_burst", l.rate_burst.unwrap_or(200.0))?,
             flood_strikes: positive("flood_strikes", l.flood_strikes.unwrap_or(50.0))?,
             outbound_queue: l.outbound_queue.unwrap_or(256).max(1),
+            live_room_size: l.live_room_size.unwrap_or(100),
+        };
+        let store = StoreLimits {
             idempotency_ttl: Duration::from_secs(l.idempotency_ttl_secs.unwrap_or(24 * 3600)),
+            retention: l
+                .retention_days
+                .filter(|d| *d > 0)
+                .map(|d| Duration::from_secs(d.saturating_mul(24 * 3600))),
+            rooms_per_user: l.rooms_per_user.unwrap_or(1000).max(1),
+            room_creation,
         };
         let heartbeat = Duration::from_millis(l.heartbeat_ms.unwrap_or(1000).max(10));
         let node_ttl = Duration::from_millis(l.node_ttl_ms.unwrap_or(5000));
-        if node_ttl <= heartbeat {
-            return Err(ConfigError::Invalid(
-                "--node-ttl-ms must be longer than --heartbeat-ms".into(),
-            ));
+        // A heartbeat may take up to one period to answer (its own Redis timeout), and a
+        // node must be able to miss one beat without being declared dead.
+        if node_ttl < heartbeat * 3 {
+            return Err(ConfigError::Invalid(format!(
+                "--node-ttl-ms ({}) must be at least three times --heartbeat-ms ({}): a node \
+                 would be declared dead for one slow heartbeat",
+                node_ttl.as_millis(),
+                heartbeat.as_millis()
+            )));
         }
         Ok(Settings {
             listen: l.listen.unwrap_or_else(|| "127.0.0.1:8080".into()),
             internal_listen: l.internal_listen.unwrap_or_else(|| "127.0.0.1:8081".into()),
             advertise: l.advertise.map(|a| a.trim_end_matches('/').to_owned()),
             node_id,
+            database_url,
             redis_url,
             cluster_secret,
             jwt_secret: l.jwt_secret.filter(|s| !s.is_empty()),
@@ -291,6 +357,7 @@ impl Settings {
             heartbeat,
             node_ttl,
             limits,
+            store,
             allowed_origins: l
                 .allowed_origins
                 .unwrap_or_default()
@@ -326,7 +393,11 @@ mod tests {
         assert_eq!(s.node_ttl, Duration::from_millis(5000));
         assert_eq!(s.limits.max_frame_bytes, 65536);
         assert_eq!(s.limits.max_body_bytes, 4096);
-        assert_eq!(s.limits.history_per_conv, 10_000);
+        assert_eq!(s.database_url, "sqlite://chatmesh.db");
+        assert_eq!(s.store.rooms_per_user, 1000);
+        assert_eq!(s.store.retention, None);
+        assert_eq!(s.store.room_creation, RoomCreation::Open);
+        assert_eq!(s.limits.live_room_size, 100);
         assert_eq!(s.limits.rate_per_sec, 100.0);
         assert_eq!(s.limits.rate_burst, 200.0);
         assert!(s.allowed_origins.is_empty());
@@ -366,6 +437,38 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.to_string().contains("--cluster-secret"), "{err}");
+    }
+
+    #[test]
+    fn cluster_mode_needs_postgres() {
+        for url in [None, Some("memory:"), Some("sqlite://x.db")] {
+            let err = Settings::resolve(Layer {
+                redis_url: Some("redis://127.0.0.1".into()),
+                cluster_secret: Some("s".into()),
+                database_url: url.map(Into::into),
+                ..Layer::default()
+            })
+            .unwrap_err();
+            assert!(err.to_string().contains("PostgreSQL"), "{err}");
+        }
+        assert!(Settings::resolve(Layer {
+            redis_url: Some("redis://127.0.0.1".into()),
+            cluster_secret: Some("s".into()),
+            database_url: Some("postgres://localhost/chat".into()),
+            ..Layer::default()
+        })
+        .is_ok());
+    }
+
+    #[test]
+    fn a_ttl_shorter_than_three_heartbeats_is_refused() {
+        let err = Settings::resolve(Layer {
+            heartbeat_ms: Some(1000),
+            node_ttl_ms: Some(2500),
+            ..Layer::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("three times"), "{err}");
     }
 
     #[test]

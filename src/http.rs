@@ -4,20 +4,25 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use actix::Actor;
+use actix_http::body::{BodyStream, BoxBody};
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
-use actix_web_actors::ws;
 use askama::Template;
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
 use crate::auth::Authenticator;
-use crate::chat::{Chat, ChatError, Send, Target};
+use crate::chat::{Chat, ChatError, Outgoing, Target};
 use crate::config::Settings;
+use crate::outbox::{Outbox, OutboxLimits};
 use crate::pages::{ChatPage, ErrorPage, IndexPage, STATIC_FILES};
 use crate::protocol::{dm_conv, room_conv, valid_id, ServerFrame};
+use crate::session::wire::OutboxBody;
 use crate::session::{Timings, WsSession};
+use crate::socket::KillSwitch;
+use crate::store::By;
 
 /// Everything a handler needs, shared by all workers.
 pub struct AppState {
@@ -96,11 +101,14 @@ impl ResponseError for ApiError {
 
 impl From<ChatError> for ApiError {
     fn from(e: ChatError) -> Self {
-        let status = match &e {
-            ChatError::Invalid(_) => StatusCode::BAD_REQUEST,
-            ChatError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ChatError::NotMember(_) => StatusCode::FORBIDDEN,
-            ChatError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        use crate::protocol::ErrorCode as C;
+        let status = match e.code() {
+            C::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            C::NotMember | C::Forbidden | C::Limit => StatusCode::FORBIDDEN,
+            C::NotFound => StatusCode::NOT_FOUND,
+            C::Conflict => StatusCode::CONFLICT,
+            C::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::BAD_REQUEST,
         };
         ApiError::new(status, e.code().as_str(), &e.to_string())
     }
@@ -270,10 +278,26 @@ async fn websocket(
         ping_interval: state.settings.ping_interval,
         client_timeout: state.settings.client_timeout,
     };
-    let session = WsSession::new(uid, state.chat.clone(), timings);
-    ws::WsResponseBuilder::new(session, &req, stream)
-        .frame_size(state.chat.limits.max_frame_bytes)
-        .start()
+    let mut response = actix_http::ws::handshake(req.head())?;
+    let outbox = Arc::new(Outbox::new(OutboxLimits {
+        max_messages: state.chat.limits.outbound_queue,
+        grace: timings.grace(),
+    }));
+    let kill = req.conn_data::<Arc<KillSwitch>>().cloned();
+    WsSession::new(
+        uid,
+        state.chat.clone(),
+        timings,
+        outbox.clone(),
+        kill,
+        stream,
+    )
+    .start();
+    let body = OutboxBody::new(outbox, state.chat.metrics.clone());
+    Ok(
+        HttpResponse::from(response.body(BoxBody::new(BodyStream::new(body))))
+            .map_into_boxed_body(),
+    )
 }
 
 async fn healthz() -> HttpResponse {
@@ -285,7 +309,7 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         return HttpResponse::ServiceUnavailable()
             .json(serde_json::json!({"ready": false, "reason": "shutting down"}));
     }
-    if let Err(e) = state.chat.store.ping().await {
+    if let Err(e) = state.chat.ping().await {
         return HttpResponse::ServiceUnavailable()
             .json(serde_json::json!({"ready": false, "reason": format!("store: {e}")}));
     }
@@ -368,13 +392,13 @@ async fn api_post_message(
     };
     let sent = state
         .chat
-        .send(Send {
+        .send(Outgoing {
             from: msg.from,
             target,
             body: msg.body,
             client_id: msg.client_id,
             origin: None,
-            require_member: false,
+            by: By::Server,
         })
         .await?;
     Ok(HttpResponse::Ok()
@@ -415,7 +439,10 @@ async fn api_history(
     api_auth(&req, &state)?;
     let q = web::Query::<HistoryQuery>::from_query(req.query_string())
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid", &e.to_string()))?;
-    let page = state.chat.history(None, &q.conv, q.before, q.limit).await?;
+    let page = state
+        .chat
+        .history(&By::Server, &q.conv, q.before, q.limit)
+        .await?;
     let body = ServerFrame::History {
         conv: &page.conv,
         messages: &page.messages,

@@ -1,90 +1,51 @@
 //! Every Redis key chatmesh uses, and the only place that spells them out.
 //!
-//! Keeping the names here means the store, the cluster code and any operator
-//! tooling cannot drift apart, and a change of layout is one diff. All keys live
-//! under [`PREFIX`] so that chatmesh can share a Redis database with other
-//! programs and its data can be found (or removed) with one `SCAN` pattern.
+//! Redis holds only what the nodes can rebuild: which nodes are alive (the registry) and
+//! which nodes hold connections of each user and of each room's members (the
+//! directory). Messages, rooms, memberships and marks live in the database; losing
+//! Redis's data loses none of them (the nodes write their entries again within a
+//! heartbeat and tell their connections to sync).
 //!
-//! Every variable part is the *last* segment of its key, so an id that itself
-//! contains `:` (a conversation id such as `dm:alice:bob`) cannot make two keys
-//! collide. The idempotency key has two variable parts; the first is a user id,
-//! which never contains `:` (see [`crate::protocol::valid_id`]).
+//! Every command and script touches exactly one key, so the layout works unchanged on
+//! a Redis Cluster: no key needs to share a slot with another. All keys live under
+//! [`PREFIX`] so that chatmesh can share a Redis database with other programs.
+//!
+//! Every variable part is the *last* segment of its key; ids never contain `:`
+//! (see [`crate::protocol::valid_id`]), so no two keys collide.
 //!
 //! # Layout
 //!
 //! | key | type | holds |
 //! | --- | --- | --- |
-//! | `chatmesh:seq:{conv}` | STRING (integer) | seq of the newest message of `conv`; `INCR`ed by the append script, never reset, never trimmed |
-//! | `chatmesh:log:{conv}` | LIST of message JSON | the newest messages of `conv`, oldest first, seqs contiguous and ending at `seq:{conv}`, trimmed to the history limit |
-//! | `chatmesh:idem:{from}:{client_id}` | STRING (message JSON), `PX` = idempotency TTL | the message first stored for this client id of `from`, returned for a resend |
-//! | `chatmesh:members:{room}` | SET of user ids | the members of `room` |
-//! | `chatmesh:rooms:{uid}` | SET of room ids | the rooms `uid` belongs to; always the mirror of `members:*` |
-//! | `chatmesh:dms:{uid}` | SET of conversation ids | the DM conversations `uid` has taken part in |
-//! | `chatmesh:nodes` | ZSET of node ids, score = last heartbeat (unix ms) | the live nodes of the cluster; entries with an old score are dead nodes |
-//! | `chatmesh:node:{id}` | HASH | what other nodes need to know about node `id` (address, start time, ...) |
-//! | `chatmesh:user_nodes:{uid}` | HASH node id -> connection count | the nodes that hold connections of `uid`; a field is removed when its count reaches 0 |
-//! | `chatmesh:room_nodes:{room}` | HASH node id -> connection count | the nodes that hold connections of members of `room` |
+//! | `chatmesh:nodes` | ZSET of node ids, score = last heartbeat (Redis clock, ms) | the registry; members with an old score are dead nodes |
+//! | `chatmesh:node_addrs` | HASH node id -> advertised URL | how to reach each node's peer API |
+//! | `chatmesh:user_nodes:{uid}` | SET of node ids | the nodes holding at least one connection of `uid` |
+//! | `chatmesh:room_nodes:{room}` | SET of node ids | the nodes holding at least one connection of a member of `room` |
 //! | `chatmesh:node_users:{id}` | SET of user ids | the users with a connection on node `id`, so a dead node's entries can be removed |
 //! | `chatmesh:node_rooms:{id}` | SET of room ids | the rooms with a member connected to node `id`, likewise |
-//! | `chatmesh:node_conns:{id}` | SET of session ids | the connections of node `id` that the counts include, so adding or removing one twice changes nothing |
+//! | `chatmesh:cleanup:{id}` | STRING with a TTL | taken (`SET NX PX`) by the node that removes dead node `id`'s entries |
 //!
-//! `{conv}` is a conversation id (`dm:A:B` or `room:R`), `{room}` a room id
-//! without the `room:` prefix, `{uid}` a user id, `{id}` a node id.
-//!
-//! A message is appended by one Lua script that touches `seq`, `log`, `idem`,
-//! `members` and both `dms` sets at once, so these keys must live on one Redis
-//! server: the layout is for a single primary (with replicas or Sentinel), not
-//! for Redis Cluster.
+//! `{uid}` is a user id, `{room}` a room id, `{id}` a node id.
 
 /// The namespace of every chatmesh key.
 pub const PREFIX: &str = "chatmesh:";
 
-/// Seq counter of a conversation (STRING holding an integer).
-pub fn conv_seq(conv: &str) -> String {
-    format!("{PREFIX}seq:{conv}")
-}
-
-/// Kept messages of a conversation (LIST of message JSON, oldest first).
-pub fn conv_log(conv: &str) -> String {
-    format!("{PREFIX}log:{conv}")
-}
-
-/// The message first stored for `client_id` of user `from` (STRING with a TTL).
-pub fn idempotency(from: &str, client_id: &str) -> String {
-    format!("{PREFIX}idem:{from}:{client_id}")
-}
-
-/// Members of a room (SET of user ids).
-pub fn room_members(room: &str) -> String {
-    format!("{PREFIX}members:{room}")
-}
-
-/// Rooms of a user (SET of room ids).
-pub fn user_rooms(uid: &str) -> String {
-    format!("{PREFIX}rooms:{uid}")
-}
-
-/// DM conversations of a user (SET of conversation ids).
-pub fn user_dms(uid: &str) -> String {
-    format!("{PREFIX}dms:{uid}")
-}
-
-/// Live nodes of the cluster (ZSET of node ids scored by last heartbeat, unix ms).
+/// Live nodes (ZSET of node ids scored by last heartbeat, unix ms).
 pub fn nodes() -> String {
     format!("{PREFIX}nodes")
 }
 
-/// What is known about one node (HASH).
-pub fn node(id: &str) -> String {
-    format!("{PREFIX}node:{id}")
+/// Advertised peer API URL of each node (HASH node id -> URL).
+pub fn node_addrs() -> String {
+    format!("{PREFIX}node_addrs")
 }
 
-/// Nodes holding connections of a user (HASH node id -> connection count).
+/// Nodes holding connections of a user (SET of node ids).
 pub fn user_nodes(uid: &str) -> String {
     format!("{PREFIX}user_nodes:{uid}")
 }
 
-/// Nodes holding connections of members of a room (HASH node id -> connection count).
+/// Nodes holding connections of members of a room (SET of node ids).
 pub fn room_nodes(room: &str) -> String {
     format!("{PREFIX}room_nodes:{room}")
 }
@@ -99,9 +60,9 @@ pub fn node_rooms(id: &str) -> String {
     format!("{PREFIX}node_rooms:{id}")
 }
 
-/// The connections of a node that the directory counts include (SET of session ids).
-pub fn node_conns(id: &str) -> String {
-    format!("{PREFIX}node_conns:{id}")
+/// The claim of the node cleaning up after dead node `id` (STRING with a TTL).
+pub fn cleanup(id: &str) -> String {
+    format!("{PREFIX}cleanup:{id}")
 }
 
 #[cfg(test)]
@@ -110,36 +71,25 @@ mod tests {
 
     #[test]
     fn names() {
-        assert_eq!(conv_seq("dm:alice:bob"), "chatmesh:seq:dm:alice:bob");
-        assert_eq!(conv_log("room:lobby"), "chatmesh:log:room:lobby");
-        assert_eq!(idempotency("alice", "k:1"), "chatmesh:idem:alice:k:1");
-        assert_eq!(room_members("lobby"), "chatmesh:members:lobby");
-        assert_eq!(user_rooms("alice"), "chatmesh:rooms:alice");
-        assert_eq!(user_dms("alice"), "chatmesh:dms:alice");
         assert_eq!(nodes(), "chatmesh:nodes");
-        assert_eq!(node("n1"), "chatmesh:node:n1");
+        assert_eq!(node_addrs(), "chatmesh:node_addrs");
         assert_eq!(user_nodes("alice"), "chatmesh:user_nodes:alice");
         assert_eq!(room_nodes("lobby"), "chatmesh:room_nodes:lobby");
+        assert_eq!(node_users("n1"), "chatmesh:node_users:n1");
+        assert_eq!(node_rooms("n1"), "chatmesh:node_rooms:n1");
+        assert_eq!(cleanup("n1"), "chatmesh:cleanup:n1");
     }
 
     #[test]
     fn kinds_never_collide() {
-        // A conversation id may contain ':', but the kind segment always comes first,
-        // so no key of one kind can equal a key of another.
         let all = [
-            conv_seq("x"),
-            conv_log("x"),
-            idempotency("x", "x"),
-            room_members("x"),
-            user_rooms("x"),
-            user_dms("x"),
             nodes(),
-            node("x"),
+            node_addrs(),
             user_nodes("x"),
             room_nodes("x"),
             node_users("x"),
             node_rooms("x"),
-            node_conns("x"),
+            cleanup("x"),
         ];
         let kinds: std::collections::BTreeSet<&str> = all
             .iter()

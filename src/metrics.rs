@@ -26,6 +26,8 @@ pub struct Metrics {
     pub store_latency: Histogram,
     pub slow_consumers: IntCounter,
     pub flooders: IntCounter,
+    pub resyncs: IntCounter,
+    pub outbox_dropped: IntCounter,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: T) -> T {
@@ -123,7 +125,15 @@ impl Metrics {
             ),
             slow_consumers: counter(
                 "chatmesh_slow_consumers_closed_total",
-                "connections closed because their outbound queue was full",
+                "connections closed with 1008 because they took nothing for the grace period",
+            ),
+            resyncs: counter(
+                "chatmesh_resyncs_total",
+                "connections told to resync (resync frames queued) because they may have missed live messages",
+            ),
+            outbox_dropped: counter(
+                "chatmesh_outbox_dropped_total",
+                "live message frames dropped for a connection over its outbound bound (it resyncs)",
             ),
             flooders: counter(
                 "chatmesh_flooders_closed_total",

@@ -21,6 +21,13 @@ pub const SYNC_PAGE: usize = 100;
 /// Messages per conversation in a `sync` answer when the client has no cursor.
 pub const SYNC_LATEST: usize = 20;
 
+/// Milliseconds since the Unix epoch (the `ts` of messages); 0 if the clock is before it.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// A user or room id: 1 to 64 characters of `A-Z a-z 0-9 _ . -`.
 pub fn valid_id(id: &str) -> bool {
     !id.is_empty()
@@ -101,11 +108,43 @@ pub enum ClientFrame {
     },
     Presence {
         uids: Vec<String>,
+        #[serde(default)]
+        subscribe: bool,
+    },
+    Create {
+        room: String,
+        #[serde(default)]
+        private: bool,
+    },
+    Add {
+        room: String,
+        uid: String,
+        #[serde(default)]
+        role: Option<String>,
+    },
+    Remove {
+        room: String,
+        uid: String,
+        #[serde(default)]
+        ban: bool,
+    },
+    RoomInfo {
+        room: String,
     },
 }
 
 const CLIENT_TYPES: &[&str] = &[
-    "direct", "room", "join", "leave", "sync", "history", "presence",
+    "direct",
+    "room",
+    "join",
+    "leave",
+    "sync",
+    "history",
+    "presence",
+    "create",
+    "add",
+    "remove",
+    "room_info",
 ];
 
 /// Why a text frame could not be parsed, with the `client_id` it carried (if any)
@@ -178,10 +217,14 @@ pub enum ErrorCode {
     RateLimited,
     Unavailable,
     Unsupported,
+    Forbidden,
+    NotFound,
+    Conflict,
+    Limit,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 8] = [
+    pub const ALL: [ErrorCode; 12] = [
         ErrorCode::BadJson,
         ErrorCode::UnknownType,
         ErrorCode::Invalid,
@@ -190,6 +233,10 @@ impl ErrorCode {
         ErrorCode::RateLimited,
         ErrorCode::Unavailable,
         ErrorCode::Unsupported,
+        ErrorCode::Forbidden,
+        ErrorCode::NotFound,
+        ErrorCode::Conflict,
+        ErrorCode::Limit,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -202,11 +249,20 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Unsupported => "unsupported",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::Conflict => "conflict",
+            ErrorCode::Limit => "limit",
         }
     }
 }
 
 /// A stored message, as it travels to clients, peers and the store.
+///
+/// `to` and `room` are not stored: they follow from `conv` and `from`. An edit or a
+/// delete is a message of its own that names the `seq` it changes (`edit`, `delete`); the
+/// message it changed is read back with its latest body and `edited`, or with no body and
+/// `deleted`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
     pub conv: String,
@@ -217,8 +273,59 @@ pub struct Message {
     pub to: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub room: Option<String>,
-    pub body: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edit: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delete: Option<u64>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub edited: bool,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub deleted: bool,
     pub ts: u64,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+impl Message {
+    /// A message of `conv` from `from`, with `to` / `room` filled in from the
+    /// conversation id.
+    pub fn new(
+        conv: &str,
+        seq: u64,
+        id: String,
+        from: &str,
+        body: Option<String>,
+        ts: u64,
+    ) -> Self {
+        let (to, room) = match Conv::parse(conv) {
+            Some(Conv::Dm(a, b)) => (Some(if a == from { b } else { a }.to_owned()), None),
+            Some(Conv::Room(r)) => (None, Some(r.to_owned())),
+            None => (None, None),
+        };
+        Message {
+            conv: conv.to_owned(),
+            seq,
+            id,
+            from: from.to_owned(),
+            to,
+            room,
+            body,
+            edit: None,
+            delete: None,
+            edited: false,
+            deleted: false,
+            ts,
+        }
+    }
+
+    /// An edit or delete event rather than a message of its own.
+    pub fn is_event(&self) -> bool {
+        self.edit.is_some() || self.delete.is_some()
+    }
 }
 
 /// The answer to a stored send.
@@ -240,15 +347,35 @@ pub enum ServerFrame<'a> {
         uid: &'a str,
         node: &'a str,
         rooms: &'a [String],
+        epoch: &'a str,
     },
     Message(&'a Message),
     Sent(&'a Sent),
     Joined {
         room: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        role: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        private: Option<bool>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        by: Option<&'a str>,
     },
     Left {
         room: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        by: Option<&'a str>,
     },
+    Added {
+        room: &'a str,
+        uid: &'a str,
+        role: &'a str,
+    },
+    Removed {
+        room: &'a str,
+        uid: &'a str,
+        ban: bool,
+    },
+    RoomInfo(&'a crate::store::RoomInfo),
     Synced {
         more: &'a [String],
     },
@@ -332,6 +459,14 @@ mod tests {
                 client_id: "k1".into()
             })
         );
+        assert_eq!(
+            parse_client_frame(r#"{"type":"remove","room":"t","uid":"c","ban":true}"#),
+            Ok(ClientFrame::Remove {
+                room: "t".into(),
+                uid: "c".into(),
+                ban: true
+            })
+        );
         assert!(matches!(
             parse_client_frame(r#"{"type":"sync"}"#),
             Ok(ClientFrame::Sync { .. })
@@ -364,16 +499,14 @@ mod tests {
 
     #[test]
     fn server_frames_match_the_contract() {
-        let m = Message {
-            conv: "dm:alice:bob".into(),
-            seq: 13,
-            id: "i".into(),
-            from: "alice".into(),
-            to: Some("bob".into()),
-            room: None,
-            body: "hi".into(),
-            ts: 1,
-        };
+        let m = Message::new(
+            "dm:alice:bob",
+            13,
+            "i".into(),
+            "alice",
+            Some("hi".into()),
+            1,
+        );
         let v: serde_json::Value =
             serde_json::from_str(&ServerFrame::Message(&m).to_text()).unwrap();
         assert_eq!(

@@ -12,6 +12,15 @@ struct Entry<H> {
     handle: H,
 }
 
+/// What a connect changed.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Arrival {
+    /// The user's first connection on this node.
+    pub first: bool,
+    /// Rooms that had no member connected here before.
+    pub occupied: Vec<String>,
+}
+
 /// What a disconnect changed.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Departure {
@@ -20,6 +29,8 @@ pub struct Departure {
     pub last: bool,
     /// The user's rooms (only filled when `last`).
     pub rooms: Vec<String>,
+    /// Rooms that now have no member connected here.
+    pub vacated: Vec<String>,
 }
 
 pub struct Registry<H> {
@@ -43,8 +54,8 @@ impl<H> Default for Registry<H> {
 }
 
 impl<H> Registry<H> {
-    /// Adds a session; true when it is the user's first connection here.
-    pub fn connect(&mut self, sid: SessionId, uid: &str, rooms: &[String], handle: H) -> bool {
+    /// Adds a session.
+    pub fn connect(&mut self, sid: SessionId, uid: &str, rooms: &[String], handle: H) -> Arrival {
         self.sessions.insert(
             sid,
             Entry {
@@ -55,12 +66,15 @@ impl<H> Registry<H> {
         let sids = self.users.entry(uid.to_owned()).or_default();
         sids.push(sid);
         let first = sids.len() == 1;
+        let mut occupied = Vec::new();
         if first {
             for room in rooms {
-                self.add_member(uid, room);
+                if self.add_member(uid, room) {
+                    occupied.push(room.clone());
+                }
             }
         }
-        first
+        Arrival { first, occupied }
     }
 
     pub fn disconnect(&mut self, sid: SessionId) -> Option<Departure> {
@@ -73,6 +87,7 @@ impl<H> Registry<H> {
                 uid,
                 last: false,
                 rooms: Vec::new(),
+                vacated: Vec::new(),
             });
         }
         self.users.remove(&uid);
@@ -81,49 +96,64 @@ impl<H> Registry<H> {
             .remove(&uid)
             .map(|r| r.into_iter().collect())
             .unwrap_or_default();
+        let mut vacated = Vec::new();
         for room in &rooms {
-            if let Some(members) = self.rooms.get_mut(room) {
-                members.remove(&uid);
-                if members.is_empty() {
-                    self.rooms.remove(room);
-                }
+            if self.drop_member(&uid, room) {
+                vacated.push(room.clone());
             }
         }
         Some(Departure {
             uid,
             last: true,
             rooms,
+            vacated,
         })
     }
 
-    /// Records a new membership of a user who may be online here.
-    pub fn join(&mut self, uid: &str, room: &str) {
-        if self.users.contains_key(uid) {
-            self.add_member(uid, room);
-        }
+    /// Records a new membership of a user who may be online here; true when the room
+    /// had no member connected here before.
+    pub fn join(&mut self, uid: &str, room: &str) -> bool {
+        self.users.contains_key(uid) && self.add_member(uid, room)
     }
 
-    pub fn leave(&mut self, uid: &str, room: &str) {
+    /// Forgets a membership; true when the room now has no member connected here.
+    pub fn leave(&mut self, uid: &str, room: &str) -> bool {
         if let Some(rooms) = self.user_rooms.get_mut(uid) {
             rooms.remove(room);
         }
-        if let Some(members) = self.rooms.get_mut(room) {
-            members.remove(uid);
-            if members.is_empty() {
-                self.rooms.remove(room);
-            }
-        }
+        self.drop_member(uid, room)
     }
 
-    fn add_member(&mut self, uid: &str, room: &str) {
-        self.rooms
-            .entry(room.to_owned())
-            .or_default()
-            .insert(uid.to_owned());
+    /// True when the room had no member here before.
+    fn add_member(&mut self, uid: &str, room: &str) -> bool {
+        let members = self.rooms.entry(room.to_owned()).or_default();
+        let occupied = members.is_empty();
+        members.insert(uid.to_owned());
         self.user_rooms
             .entry(uid.to_owned())
             .or_default()
             .insert(room.to_owned());
+        occupied
+    }
+
+    /// True when the room has no member here any more.
+    fn drop_member(&mut self, uid: &str, room: &str) -> bool {
+        let Some(members) = self.rooms.get_mut(room) else {
+            return false;
+        };
+        if !members.remove(uid) {
+            return false;
+        }
+        if members.is_empty() {
+            self.rooms.remove(room);
+            return true;
+        }
+        false
+    }
+
+    /// Whether `uid` is a member of `room` as far as this node knows (online here).
+    pub fn is_member(&self, uid: &str, room: &str) -> bool {
+        self.user_rooms.get(uid).is_some_and(|r| r.contains(room))
     }
 
     pub fn uid_of(&self, sid: SessionId) -> Option<&str> {
@@ -233,15 +263,19 @@ mod tests {
     #[test]
     fn first_and_last_connection() {
         let mut reg = Registry::default();
-        assert!(reg.connect(1, "alice", &rooms(&["lobby"]), "a1"));
-        assert!(!reg.connect(2, "alice", &rooms(&["lobby"]), "a2"));
+        let a = reg.connect(1, "alice", &rooms(&["lobby"]), "a1");
+        assert!(a.first);
+        assert_eq!(a.occupied, vec!["lobby"]);
+        let a = reg.connect(2, "alice", &rooms(&["lobby"]), "a2");
+        assert!(!a.first && a.occupied.is_empty());
         assert!(reg.is_online("alice"));
         assert_eq!(
             reg.disconnect(1),
             Some(Departure {
                 uid: "alice".into(),
                 last: false,
-                rooms: vec![]
+                rooms: vec![],
+                vacated: vec![],
             })
         );
         assert_eq!(
@@ -251,6 +285,7 @@ mod tests {
         let d = reg.disconnect(2).unwrap();
         assert!(d.last);
         assert_eq!(d.rooms, vec!["lobby"]);
+        assert_eq!(d.vacated, vec!["lobby"]);
         assert!(!reg.is_online("alice"));
         assert_eq!(reg.online_members("lobby").count(), 0);
         assert_eq!(reg.disconnect(2), None, "double disconnect is harmless");
@@ -283,16 +318,22 @@ mod tests {
         let mut t = reg.targets(&[], Some("lobby"), Some(1));
         t.sort();
         assert_eq!(t, vec![&"c3"]);
-        reg.join("bob", "lobby");
-        reg.join("dave", "lobby"); // not online here: nothing to track
+        assert!(!reg.join("bob", "lobby"), "lobby already had members here");
+        assert!(
+            !reg.join("dave", "lobby"),
+            "not online here: nothing to track"
+        );
+        assert!(reg.join("bob", "cellar"), "the first member here");
         let mut t = reg.targets(&[], Some("lobby"), Some(1));
         t.sort();
         assert_eq!(t, vec![&"b2", &"c3"]);
-        reg.leave("carol", "lobby");
+        assert!(!reg.leave("carol", "lobby"));
+        assert!(reg.leave("bob", "cellar"));
         assert_eq!(reg.targets(&[], Some("lobby"), Some(1)), vec![&"b2"]);
         assert_eq!(reg.targets(&[], Some("attic"), None), vec![&"c3"]);
         let d = reg.disconnect(3).unwrap();
         assert_eq!(d.rooms, vec!["attic"]);
+        assert_eq!(d.vacated, vec!["attic"]);
         assert_eq!(reg.rooms().count(), 1);
     }
 }

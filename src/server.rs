@@ -1,53 +1,64 @@
 //! The ChatServer actor: the local sessions of this node and the online members of each
-//! room, and the fan-out of stored messages to them. Routing rules live in
-//! [`Registry`]; this actor only turns its answers into frames on sessions.
+//! room, and the fan-out of stored messages and events to them. Routing rules live in
+//! [`Registry`]; this actor turns its answers into frames on sessions' outboxes.
+//!
+//! Frames go straight into each connection's [`Outbox`] (bounded, never blocking), so a
+//! slow client costs this actor nothing and a session busy with the store still gets its
+//! deliveries. In a cluster, every change of which users and rooms this node holds is
+//! handed, in order, to a [`ClusterSink`] that mirrors it into the Redis directory; the
+//! sink is implemented by the cluster module, which this module does not know.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use actix::prelude::*;
-use actix_web_actors::ws::CloseCode;
 use bytestring::ByteString;
+use tokio::sync::oneshot;
 
-use crate::cluster::directory::LocalUser;
-use crate::cluster::ClusterEvent;
 use crate::metrics::Metrics;
+use crate::outbox::{Outbox, Pushed};
 use crate::protocol::{Message as ChatMessage, ServerFrame};
 use crate::registry::{Registry, SessionId};
+use crate::store::UserRoom;
 
-/// A frame for a session to write. Sent with `try_send`, so a session whose mailbox
-/// (its outbound queue) is full is noticed instead of growing without bound.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Deliver {
-    pub frame: ByteString,
-    /// Counted as a delivered message (not a control frame).
-    pub is_message: bool,
+/// A change of what this node holds, for the cluster directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalChange {
+    /// The user's first connection here; `rooms` are their rooms small enough for live
+    /// presence events.
+    UserOnline { uid: String, rooms: Vec<String> },
+    /// The user's last connection here closed.
+    UserOffline { uid: String, rooms: Vec<String> },
+    /// A member of the room is now connected here.
+    RoomOccupied(String),
+    /// No member of the room is connected here any more.
+    RoomVacated(String),
 }
 
-/// Tells a session to close its websocket.
-#[derive(Message, Clone, Copy)]
-#[rtype(result = "()")]
-pub struct Close {
-    pub code: CloseCode,
-    pub reason: &'static str,
+/// Where this node's changes go in cluster mode. Implementations must keep the order.
+pub trait ClusterSink: Send + 'static {
+    /// Hands over changes; `ack` is answered true once they are recorded (false if
+    /// they could not be).
+    fn record(&self, changes: Vec<LocalChange>, ack: Option<oneshot::Sender<bool>>);
+    /// Hands over everything this node holds, to be written again in full; afterwards,
+    /// with `resync_after`, every connection here is told to sync.
+    fn reconcile(&self, users: BTreeSet<String>, rooms: BTreeSet<String>, resync_after: bool);
 }
 
 /// How the server reaches one session.
 #[derive(Clone)]
 pub struct SessionHandle {
-    pub deliver: Recipient<Deliver>,
-    pub close: Recipient<Close>,
-    /// Set once the outbound queue overflowed: nothing more is queued for it.
-    pub overflowed: Arc<AtomicBool>,
+    pub outbox: Arc<Outbox>,
 }
 
+/// Registers a session. Answers, in cluster mode, a receiver that resolves once the
+/// directory records the connection (the session waits for it before `welcome`).
 #[derive(Message)]
-#[rtype(result = "bool")]
+#[rtype(result = "Option<oneshot::Receiver<bool>>")]
 pub struct Connect {
     pub sid: SessionId,
     pub uid: String,
-    pub rooms: Vec<String>,
+    pub rooms: Vec<UserRoom>,
     pub handle: SessionHandle,
 }
 
@@ -57,15 +68,20 @@ pub struct Disconnect {
     pub sid: SessionId,
 }
 
-/// A membership change that the store has already accepted. Answers the change in
-/// this node's connection count for the room (the user's local connections, positive or
-/// negative; 0 when nothing changed), which the caller records in the cluster directory.
-#[derive(Message)]
-#[rtype(result = "i64")]
+/// A membership change the store has already accepted: this node's sessions of `uid`
+/// follow it, and get `joined` / `left` (all but `origin`, which answers itself).
+/// Answers, in cluster mode, a receiver that resolves once the directory records it.
+#[derive(Message, Clone)]
+#[rtype(result = "Option<oneshot::Receiver<bool>>")]
 pub struct Membership {
     pub uid: String,
     pub room: String,
     pub joined: bool,
+    /// Members after the change, when known.
+    pub members: Option<u64>,
+    /// The owner who added or removed them.
+    pub by: Option<String>,
+    pub origin: Option<SessionId>,
 }
 
 /// Delivers a stored message to the local sessions that should get it.
@@ -77,14 +93,36 @@ pub struct Fanout {
     pub exclude: Option<SessionId>,
 }
 
-/// A member of a room came online or went offline (somewhere in the cluster); tell the
-/// other members online here.
+/// Stored messages from a peer, delivered in one go.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct RoomPresence {
-    pub room: String,
+pub struct FanoutBatch {
+    pub messages: Vec<ChatMessage>,
+}
+
+/// A user came online (first connection anywhere) or went offline (last one closed)
+/// somewhere in the cluster: the members of their small rooms here are told.
+#[derive(Message, Clone)]
+#[rtype(result = "()")]
+pub struct Presence {
     pub uid: String,
     pub online: bool,
+    pub rooms: Vec<String>,
+}
+
+/// Which connections may have missed live messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResyncScope {
+    All,
+    /// Participants of these conversations.
+    Convs(Vec<String>),
+}
+
+/// Tells connections to sync.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct Resync {
+    pub scope: ResyncScope,
 }
 
 /// Which of these users have a connection on this node.
@@ -94,74 +132,71 @@ pub struct LocalOnline {
     pub uids: Vec<String>,
 }
 
-/// Users online here with their connection counts and rooms, so the cluster directory
-/// can be written again after Redis lost it.
-#[derive(Message)]
-#[rtype(result = "LocalSnapshot")]
-pub struct Snapshot;
-
-#[derive(Debug, Default, Clone, MessageResponse)]
-pub struct LocalSnapshot {
-    pub users: Vec<LocalUser>,
-}
-
 /// Closes every session with 1012 (service restart); answers how many there were.
 #[derive(Message)]
 #[rtype(result = "usize")]
 pub struct Shutdown;
 
-/// Where presence transitions go in cluster mode.
+/// Where directory changes go in cluster mode.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct AttachCluster {
-    pub events: Recipient<ClusterEvent>,
+    pub sink: Box<dyn ClusterSink>,
 }
 
-/// Mailbox bound of the ChatServer and the ClusterBridge.
-pub const MAILBOX_CAPACITY: usize = 65_536;
+/// Hands the cluster sink everything this node holds (see [`ClusterSink::reconcile`]).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Reconcile {
+    pub resync_after: bool,
+}
+
+/// Mailbox bound of the ChatServer. Senders use `send` (which waits for room) or
+/// `try_send` (which counts a refusal): never `do_send`.
+pub const MAILBOX_CAPACITY: usize = 16_384;
 
 pub struct ChatServer {
     registry: Registry<SessionHandle>,
     metrics: Arc<Metrics>,
-    cluster: Option<Recipient<ClusterEvent>>,
+    cluster: Option<Box<dyn ClusterSink>>,
+    /// Member counts of rooms with members here, for the live-event bound.
+    room_sizes: HashMap<String, u64>,
+    live_room_size: u64,
     closing: bool,
 }
 
 impl ChatServer {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
+    pub fn new(metrics: Arc<Metrics>, live_room_size: u64) -> Self {
         ChatServer {
             registry: Registry::default(),
             metrics,
             cluster: None,
+            room_sizes: HashMap::new(),
+            live_room_size,
             closing: false,
         }
     }
 
-    fn push(&self, handle: &SessionHandle, frame: &ByteString, is_message: bool) {
-        if handle.overflowed.load(Ordering::Relaxed) {
-            return;
-        }
-        let msg = Deliver {
-            frame: frame.clone(),
-            is_message,
-        };
-        match handle.deliver.try_send(msg) {
-            Ok(()) => {}
-            Err(SendError::Full(_)) => {
-                // The client is not reading. Stop queueing for it and close it; what it
-                // missed is stored and reaches it at its next sync.
-                handle.overflowed.store(true, Ordering::Relaxed);
-                self.metrics.slow_consumers.inc();
-                handle.close.do_send(Close {
-                    code: CloseCode::Policy,
-                    reason: "outbound queue full: not reading",
-                });
-            }
-            Err(SendError::Closed(_)) => {}
+    fn small(&self, room: &str) -> bool {
+        self.room_sizes
+            .get(room)
+            .is_some_and(|n| *n <= self.live_room_size)
+    }
+
+    fn small_rooms(&self, rooms: &[String]) -> Vec<String> {
+        rooms.iter().filter(|r| self.small(r)).cloned().collect()
+    }
+
+    fn push_message(&self, handle: &SessionHandle, frame: &ByteString) {
+        if handle.outbox.message(frame.clone()) == Pushed::Dropped {
+            self.metrics.outbox_dropped.inc();
         }
     }
 
     fn room_presence(&self, room: &str, uid: &str, online: bool) {
+        if !self.small(room) {
+            return;
+        }
         let frame = ServerFrame::Presence {
             room: Some(room),
             uid,
@@ -173,8 +208,27 @@ impl ChatServer {
                 continue;
             }
             for (_, h) in self.registry.sessions_of(member) {
-                self.push(h, &frame, false);
+                h.outbox.presence(Some(room), uid, frame.clone());
             }
+        }
+    }
+
+    fn record(&self, changes: Vec<LocalChange>) -> Option<oneshot::Receiver<bool>> {
+        let sink = self.cluster.as_ref()?;
+        let (ack, recorded) = oneshot::channel();
+        sink.record(changes, Some(ack));
+        Some(recorded)
+    }
+
+    fn fanout(&self, m: &ChatMessage, exclude: Option<SessionId>) {
+        let frame = ServerFrame::Message(m).to_text();
+        let targets = match (&m.room, &m.to) {
+            (Some(room), _) => self.registry.targets(&[], Some(room), exclude),
+            (None, Some(to)) => self.registry.targets(&[&m.from, to], None, exclude),
+            (None, None) => Vec::new(),
+        };
+        for h in targets {
+            self.push_message(h, &frame);
         }
     }
 }
@@ -183,34 +237,42 @@ impl Actor for ChatServer {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        // Senders that await (`send`) wait for room; `do_send` (fan-out, session
-        // events) is bounded by its sources: one request in flight per connection and
-        // bounded peer batches.
         ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
     }
 }
 
 impl Handler<Connect> for ChatServer {
-    type Result = bool;
+    type Result = Option<oneshot::Receiver<bool>>;
 
-    fn handle(&mut self, msg: Connect, _: &mut Context<Self>) -> bool {
+    fn handle(&mut self, msg: Connect, _: &mut Context<Self>) -> Self::Result {
         if self.closing {
-            msg.handle.close.do_send(Close {
-                code: CloseCode::Restart,
-                reason: "server shutting down",
+            msg.handle.outbox.close(1012, "server shutting down");
+        }
+        for r in &msg.rooms {
+            self.room_sizes.insert(r.room.clone(), r.members);
+        }
+        let rooms: Vec<String> = msg.rooms.into_iter().map(|r| r.room).collect();
+        let arrival = self.registry.connect(msg.sid, &msg.uid, &rooms, msg.handle);
+        if self.cluster.is_none() {
+            // A single node knows at once that this is the user's first connection.
+            if arrival.first {
+                for room in &rooms {
+                    self.room_presence(room, &msg.uid, true);
+                }
+            }
+            return None;
+        }
+        let mut changes = Vec::new();
+        if arrival.first {
+            changes.push(LocalChange::UserOnline {
+                uid: msg.uid.clone(),
+                rooms: self.small_rooms(&rooms),
             });
         }
-        let first = self
-            .registry
-            .connect(msg.sid, &msg.uid, &msg.rooms, msg.handle);
-        // In a cluster the session announces the user once the directory says this is
-        // their first connection anywhere; a single node knows it here.
-        if first && self.cluster.is_none() {
-            for room in &msg.rooms {
-                self.room_presence(room, &msg.uid, true);
-            }
-        }
-        first
+        changes.extend(arrival.occupied.into_iter().map(LocalChange::RoomOccupied));
+        // Recorded even with no change: the session must not be welcomed before the
+        // changes of an earlier connection of the same user are.
+        self.record(changes)
     }
 }
 
@@ -218,50 +280,71 @@ impl Handler<Disconnect> for ChatServer {
     type Result = ();
 
     fn handle(&mut self, msg: Disconnect, _: &mut Context<Self>) {
-        let Some(uid) = self.registry.uid_of(msg.sid).map(str::to_owned) else {
-            return;
-        };
-        // The rooms this connection was counted in, read before it is removed.
-        let rooms = self.registry.rooms_of(&uid);
         let Some(departure) = self.registry.disconnect(msg.sid) else {
             return;
         };
+        if !departure.last {
+            return;
+        }
         match &self.cluster {
-            // Sent whether or not the directory recorded the connection: its update may
-            // have timed out and still land, and removing what is not there is a no-op.
-            Some(cluster) => {
-                cluster.do_send(ClusterEvent::Disconnected {
-                    uid,
-                    sid: msg.sid,
-                    rooms,
-                });
+            Some(sink) => {
+                let mut changes = vec![LocalChange::UserOffline {
+                    uid: departure.uid.clone(),
+                    rooms: self.small_rooms(&departure.rooms),
+                }];
+                changes.extend(departure.vacated.into_iter().map(LocalChange::RoomVacated));
+                sink.record(changes, None);
             }
-            None if departure.last => {
+            None => {
                 for room in &departure.rooms {
                     self.room_presence(room, &departure.uid, false);
                 }
             }
-            None => {}
         }
     }
 }
 
 impl Handler<Membership> for ChatServer {
-    type Result = i64;
+    type Result = Option<oneshot::Receiver<bool>>;
 
-    fn handle(&mut self, msg: Membership, _: &mut Context<Self>) -> i64 {
-        let connections = self.registry.connections_of(&msg.uid) as i64;
-        let was_member = self.registry.rooms_of(&msg.uid).contains(&msg.room);
-        if msg.joined {
-            self.registry.join(&msg.uid, &msg.room);
+    fn handle(&mut self, msg: Membership, _: &mut Context<Self>) -> Self::Result {
+        if let (true, Some(n)) = (self.registry.is_online(&msg.uid), msg.members) {
+            self.room_sizes.insert(msg.room.clone(), n);
+        }
+        let was = self.registry.is_member(&msg.uid, &msg.room);
+        let change = if msg.joined {
+            self.registry
+                .join(&msg.uid, &msg.room)
+                .then(|| LocalChange::RoomOccupied(msg.room.clone()))
         } else {
-            self.registry.leave(&msg.uid, &msg.room);
+            self.registry
+                .leave(&msg.uid, &msg.room)
+                .then(|| LocalChange::RoomVacated(msg.room.clone()))
+        };
+        if was != msg.joined {
+            let frame = if msg.joined {
+                ServerFrame::Joined {
+                    room: &msg.room,
+                    role: None,
+                    private: None,
+                    by: msg.by.as_deref(),
+                }
+                .to_text()
+            } else {
+                ServerFrame::Left {
+                    room: &msg.room,
+                    by: msg.by.as_deref(),
+                }
+                .to_text()
+            };
+            for (sid, h) in self.registry.sessions_of(&msg.uid) {
+                if Some(sid) != msg.origin {
+                    h.outbox.control(frame.clone());
+                }
+            }
         }
-        match (was_member, msg.joined) {
-            (false, true) => connections,
-            (true, false) => -connections,
-            _ => 0,
-        }
+        self.cluster.as_ref()?;
+        self.record(change.into_iter().collect())
     }
 }
 
@@ -269,28 +352,65 @@ impl Handler<Fanout> for ChatServer {
     type Result = ();
 
     fn handle(&mut self, msg: Fanout, _: &mut Context<Self>) {
-        let m = &msg.message;
-        let targets = match (&m.room, &m.to) {
-            (Some(room), _) => self.registry.targets(&[], Some(room), msg.exclude),
-            (None, Some(to)) => self.registry.targets(&[&m.from, to], None, msg.exclude),
-            (None, None) => return,
-        };
-        if targets.is_empty() {
-            return;
-        }
-        // Serialised once, shared by every recipient.
-        let frame = ServerFrame::Message(m).to_text();
-        for h in targets {
-            self.push(h, &frame, true);
+        self.fanout(&msg.message, msg.exclude);
+    }
+}
+
+impl Handler<FanoutBatch> for ChatServer {
+    type Result = ();
+
+    fn handle(&mut self, msg: FanoutBatch, _: &mut Context<Self>) {
+        for m in &msg.messages {
+            self.fanout(m, None);
         }
     }
 }
 
-impl Handler<RoomPresence> for ChatServer {
+impl Handler<Presence> for ChatServer {
     type Result = ();
 
-    fn handle(&mut self, msg: RoomPresence, _: &mut Context<Self>) {
-        self.room_presence(&msg.room, &msg.uid, msg.online);
+    fn handle(&mut self, msg: Presence, _: &mut Context<Self>) {
+        for room in &msg.rooms {
+            self.room_presence(room, &msg.uid, msg.online);
+        }
+    }
+}
+
+impl Handler<Resync> for ChatServer {
+    type Result = usize;
+
+    fn handle(&mut self, msg: Resync, _: &mut Context<Self>) -> usize {
+        let mut told = 0;
+        match msg.scope {
+            ResyncScope::All => {
+                for (_, h) in self.registry.all() {
+                    h.outbox.resync();
+                    told += 1;
+                }
+            }
+            ResyncScope::Convs(convs) => {
+                let mut seen = std::collections::HashSet::new();
+                for conv in &convs {
+                    let handles = match crate::protocol::Conv::parse(conv) {
+                        Some(crate::protocol::Conv::Room(room)) => {
+                            self.registry.targets(&[], Some(room), None)
+                        }
+                        Some(crate::protocol::Conv::Dm(a, b)) => {
+                            self.registry.targets(&[a, b], None, None)
+                        }
+                        None => Vec::new(),
+                    };
+                    for h in handles {
+                        if seen.insert(Arc::as_ptr(&h.outbox)) {
+                            h.outbox.resync();
+                            told += 1;
+                        }
+                    }
+                }
+            }
+        }
+        self.metrics.resyncs.inc_by(told as u64);
+        told
     }
 }
 
@@ -305,24 +425,6 @@ impl Handler<LocalOnline> for ChatServer {
     }
 }
 
-impl Handler<Snapshot> for ChatServer {
-    type Result = LocalSnapshot;
-
-    fn handle(&mut self, _: Snapshot, _: &mut Context<Self>) -> LocalSnapshot {
-        LocalSnapshot {
-            users: self
-                .registry
-                .users()
-                .map(|uid| LocalUser {
-                    uid: uid.to_owned(),
-                    sessions: self.registry.sessions_of(uid).map(|(sid, _)| sid).collect(),
-                    rooms: self.registry.rooms_of(uid),
-                })
-                .collect(),
-        }
-    }
-}
-
 impl Handler<Shutdown> for ChatServer {
     type Result = usize;
 
@@ -330,10 +432,7 @@ impl Handler<Shutdown> for ChatServer {
         self.closing = true;
         let mut n = 0;
         for (_, h) in self.registry.all() {
-            h.close.do_send(Close {
-                code: CloseCode::Restart,
-                reason: "server restarting",
-            });
+            h.outbox.close(1012, "server restarting");
             n += 1;
         }
         n
@@ -344,6 +443,18 @@ impl Handler<AttachCluster> for ChatServer {
     type Result = ();
 
     fn handle(&mut self, msg: AttachCluster, _: &mut Context<Self>) {
-        self.cluster = Some(msg.events);
+        self.cluster = Some(msg.sink);
+    }
+}
+
+impl Handler<Reconcile> for ChatServer {
+    type Result = ();
+
+    fn handle(&mut self, msg: Reconcile, _: &mut Context<Self>) {
+        if let Some(sink) = &self.cluster {
+            let users = self.registry.users().map(str::to_owned).collect();
+            let rooms = self.registry.rooms().map(str::to_owned).collect();
+            sink.reconcile(users, rooms, msg.resync_after);
+        }
     }
 }

@@ -10,8 +10,7 @@ use std::time::Duration;
 
 use common::browser::{Browser, Page};
 use common::nginx::Nginx;
-use common::redis::RedisServer;
-use common::{cluster_settings, settings, TestNode};
+use common::{settings, ClusterEnv, TestNode};
 use serde_json::{json, Value};
 
 /// How long one thing the page should do may take.
@@ -348,9 +347,9 @@ fn load_older_pages_through_history() {
 /// pages are served by different nodes and still talk, one-to-one and in a room.
 #[test]
 fn chat_in_the_browser_across_two_nodes_behind_nginx() {
-    let redis = RedisServer::start();
-    let n1 = TestNode::start(cluster_settings(&redis.url, "node-1"));
-    let n2 = TestNode::start(cluster_settings(&redis.url, "node-2"));
+    let env = ClusterEnv::start();
+    let n1 = env.node("node-1");
+    let n2 = env.node("node-2");
     let addr = |n: &TestNode| n.base.trim_start_matches("http://").parse().unwrap();
     let nginx = Nginx::start(&[addr(&n1), addr(&n2)]);
     let base = nginx.base.clone();

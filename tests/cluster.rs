@@ -1,31 +1,32 @@
-//! Cluster mode: several nodes on one real redis-server (started by the test).
+//! Cluster mode: several nodes on one real redis-server and one PostgreSQL database
+//! (both started by the harness, private to the test).
 
 mod common;
 
 use std::collections::BTreeSet;
 
-use common::redis::RedisServer;
-use common::{cluster_settings, http, Client, ProcessNode, TestNode};
+use common::{http, Client, ClusterEnv, TestNode};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
-fn node(redis: &RedisServer, id: &str) -> TestNode {
-    TestNode::start(cluster_settings(&redis.url, id))
+/// node-a, node-b and node-c on one cluster.
+fn three_nodes(env: &ClusterEnv) -> (TestNode, TestNode, TestNode) {
+    (env.node("node-a"), env.node("node-b"), env.node("node-c"))
 }
 
-/// node-a, node-b and node-c on one Redis.
-fn three_nodes(redis: &RedisServer) -> (TestNode, TestNode, TestNode) {
-    (
-        node(redis, "node-a"),
-        node(redis, "node-b"),
-        node(redis, "node-c"),
-    )
+/// Whether `node` is in the set at `key`.
+fn in_set(env: &ClusterEnv, key: &str, node: &str) -> bool {
+    ::redis::cmd("SISMEMBER")
+        .arg(key)
+        .arg(node)
+        .query(&mut env.redis.connection())
+        .unwrap_or(false)
 }
 
 #[tokio::test]
 async fn cross_node_direct_and_multi_device_cost_one_peer_message_per_node() {
-    let redis = RedisServer::start();
-    let (a, b, c) = three_nodes(&redis);
+    let env = ClusterEnv::start();
+    let (a, b, c) = three_nodes(&env);
     let mut alice = Client::connect(&a, "alice").await;
     assert_eq!(alice.welcome["node"], "node-a");
     let mut alice_phone = Client::connect(&b, "alice").await;
@@ -55,8 +56,8 @@ async fn cross_node_direct_and_multi_device_cost_one_peer_message_per_node() {
 
 #[tokio::test]
 async fn dm_to_a_user_on_one_node_costs_exactly_one_peer_message() {
-    let redis = RedisServer::start();
-    let (a, b, c) = three_nodes(&redis);
+    let env = ClusterEnv::start();
+    let (a, b, c) = three_nodes(&env);
     let mut alice = Client::connect(&a, "alice").await;
     let mut bob = Client::connect(&b, "bob").await;
     let _carol = Client::connect(&c, "carol").await;
@@ -71,8 +72,8 @@ async fn dm_to_a_user_on_one_node_costs_exactly_one_peer_message() {
 
 #[tokio::test]
 async fn room_message_to_30_members_on_two_other_nodes_costs_two() {
-    let redis = RedisServer::start();
-    let (a, b, c) = three_nodes(&redis);
+    let env = ClusterEnv::start();
+    let (a, b, c) = three_nodes(&env);
     let mut sender = Client::connect(&a, "sender").await;
     sender.join("big").await;
     let mut members = Vec::new();
@@ -101,9 +102,9 @@ async fn room_message_to_30_members_on_two_other_nodes_costs_two() {
 
 #[tokio::test]
 async fn resend_to_another_node_is_deduplicated() {
-    let redis = RedisServer::start();
-    let a = node(&redis, "node-a");
-    let b = node(&redis, "node-b");
+    let env = ClusterEnv::start();
+    let a = env.node("node-a");
+    let b = env.node("node-b");
     let mut on_a = Client::connect(&a, "alice").await;
     let first = on_a.direct("bob", "once", "same-id").await;
     drop(on_a);
@@ -124,8 +125,8 @@ async fn resend_to_another_node_is_deduplicated() {
 
 #[tokio::test]
 async fn three_nodes_fifty_each_into_one_room() {
-    let redis = RedisServer::start();
-    let nodes = [node(&redis, "n1"), node(&redis, "n2"), node(&redis, "n3")];
+    let env = ClusterEnv::start();
+    let nodes = [env.node("n1"), env.node("n2"), env.node("n3")];
     let mut clients = Vec::new();
     for (i, n) in nodes.iter().enumerate() {
         let mut c = Client::connect(n, &format!("u{i}")).await;
@@ -168,8 +169,8 @@ async fn three_nodes_fifty_each_into_one_room() {
 
 #[tokio::test]
 async fn peer_api_needs_the_cluster_secret() {
-    let redis = RedisServer::start();
-    let a = node(&redis, "node-a");
+    let env = ClusterEnv::start();
+    let a = env.node("node-a");
     let mut bob = Client::connect(&a, "bob").await;
     let batch = json!({"from":"intruder","messages":[{"conv":"dm:bob:eve","seq":1,"id":"x","from":"eve","to":"bob","body":"forged","ts":1}]}).to_string();
     let url = format!("{}/internal/deliver", a.internal);
@@ -210,9 +211,9 @@ async fn peer_api_needs_the_cluster_secret() {
 
 #[tokio::test]
 async fn presence_across_nodes() {
-    let redis = RedisServer::start();
-    let a = node(&redis, "node-a");
-    let b = node(&redis, "node-b");
+    let env = ClusterEnv::start();
+    let a = env.node("node-a");
+    let b = env.node("node-b");
     let mut alice = Client::connect(&a, "alice").await;
     alice.join("lobby").await;
     {
@@ -245,25 +246,17 @@ async fn presence_across_nodes() {
 
 #[tokio::test]
 async fn membership_made_on_one_node_reaches_the_users_other_nodes() {
-    let redis = RedisServer::start();
-    let a = node(&redis, "node-a");
-    let b = node(&redis, "node-b");
+    let env = ClusterEnv::start();
+    let a = env.node("node-a");
+    let b = env.node("node-b");
     let mut carol = Client::connect(&a, "carol").await;
     carol.join("lobby").await;
     let mut alice_a = Client::connect(&a, "alice").await;
     let mut alice_b = Client::connect(&b, "alice").await;
     alice_a.join("lobby").await;
-    // wait until node-b has counted alice's connection there for the room
-    let mut conn = redis.connection();
-    common::eventually("node-b to carry the room for alice", || {
-        let n: Option<i64> = ::redis::cmd("HGET")
-            .arg("chatmesh:room_nodes:lobby")
-            .arg("node-b")
-            .query(&mut conn)
-            .unwrap();
-        n == Some(1)
-    })
-    .await;
+    // `joined` came only after node-b, which holds alice's other connection, routes
+    // the room there too.
+    assert!(in_set(&env, "chatmesh:room_nodes:lobby", "node-b"));
     carol.room("lobby", "welcome alice", "c1").await;
     assert_eq!(alice_a.recv_type("message").await["body"], "welcome alice");
     assert_eq!(alice_b.recv_type("message").await["body"], "welcome alice");
@@ -271,9 +264,9 @@ async fn membership_made_on_one_node_reaches_the_users_other_nodes() {
 
 #[tokio::test]
 async fn a_killed_node_loses_nothing_that_was_sent() {
-    let redis = RedisServer::start();
-    let a = node(&redis, "node-a");
-    let mut doomed = ProcessNode::start(&redis.url, "node-doomed");
+    let env = ClusterEnv::start();
+    let a = env.node("node-a");
+    let mut doomed = env.process("node-doomed");
     let mut alice = Client::connect(&a, "alice").await;
     let mut bob = Client::connect_url(&doomed.ws_url("bob"), "bob").await;
     let mut sent = Vec::new();
@@ -327,17 +320,20 @@ async fn a_killed_node_loses_nothing_that_was_sent() {
     assert_eq!(got, expected);
 }
 
+/// PostgreSQL frozen (SIGSTOP): a send answers `unavailable` within the store timeout,
+/// /readyz answers 503, and after SIGCONT the retry with the same client id lands once.
 #[tokio::test]
-async fn paused_redis_gives_unavailable_and_the_retry_lands_once() {
-    let redis = RedisServer::start();
-    let mut s = cluster_settings(&redis.url, "node-a");
-    s.store_timeout = std::time::Duration::from_millis(300);
+async fn paused_postgres_gives_unavailable_and_the_retry_lands_once() {
+    let pg = common::postgres::PgServer::start();
+    let redis = common::redis::RedisServer::start();
+    let mut s = common::cluster_settings(&redis.url, &pg.fresh_database(), "node-a");
+    s.store_timeout = std::time::Duration::from_millis(500);
     let a = TestNode::start(s);
     let mut alice = Client::connect(&a, "alice").await;
     let mut bob = Client::connect(&a, "bob").await;
     alice.direct("bob", "before", "k0").await;
     bob.recv_type("message").await;
-    redis.pause();
+    pg.pause();
     alice
         .send(json!({"type":"direct","to":"bob","body":"during","client_id":"k1"}))
         .await;
@@ -354,7 +350,7 @@ async fn paused_redis_gives_unavailable_and_the_retry_lands_once() {
         .await
         .unwrap();
     assert_eq!(r.status, 503);
-    redis.resume();
+    pg.resume();
     common::eventually("readyz again", || {
         common::http_blocking("GET", &format!("{}/readyz", a.base), &[], None)
             .is_ok_and(|r| r.status == 200)
@@ -362,11 +358,13 @@ async fn paused_redis_gives_unavailable_and_the_retry_lands_once() {
     .await;
     let sent = alice.direct("bob", "during", "k1").await;
     assert_eq!(sent["seq"], 2);
-    let m = bob.recv_type("message").await;
-    assert_eq!(
-        (m["body"].as_str(), m["seq"].as_u64()),
-        (Some("during"), Some(2))
-    );
+    loop {
+        let m = bob.recv_type("message").await;
+        if m["seq"] == 2 {
+            assert_eq!(m["body"], "during");
+            break;
+        }
+    }
     bob.send(json!({"type":"history","conv":"dm:alice:bob"}))
         .await;
     let h = bob.recv_type("history").await;
@@ -384,17 +382,17 @@ async fn paused_redis_gives_unavailable_and_the_retry_lands_once() {
 /// follows it on the same Redis connection and undoes it.
 #[tokio::test]
 async fn a_directory_record_that_timed_out_leaves_no_count_behind() {
-    let redis = RedisServer::start();
-    let mut s = cluster_settings(&redis.url, "node-a");
+    let env = ClusterEnv::start();
+    let mut s = env.settings("node-a");
     s.store_timeout = std::time::Duration::from_millis(300);
     // No heartbeat during the test: its write would queue ahead of carol's reads.
     s.heartbeat = std::time::Duration::from_secs(60);
     s.node_ttl = std::time::Duration::from_secs(180);
     let a = TestNode::start(s);
     let mut dave = Client::connect(&a, "dave").await;
-    let mut con = redis.connection();
+    let mut con = env.redis.connection();
     let count = |con: &mut redis::Connection, key: String| -> i64 {
-        redis::cmd("HLEN").arg(key).query(con).unwrap()
+        redis::cmd("SCARD").arg(key).query(con).unwrap()
     };
 
     // Writes wait, reads go on: carol's rooms are read, then her directory record
@@ -422,60 +420,12 @@ async fn a_directory_record_that_timed_out_leaves_no_count_behind() {
 }
 
 #[tokio::test]
-async fn redis_killed_and_restarted_with_aof_keeps_seqs_going() {
-    let mut redis = RedisServer::start_aof();
-    let a = node(&redis, "node-a");
-    let b = node(&redis, "node-b");
-    let mut alice = Client::connect(&a, "alice").await;
-    alice.join("lobby").await;
-    let mut bob = Client::connect(&b, "bob").await;
-    bob.join("lobby").await;
-    for i in 1..=5 {
-        assert_eq!(
-            alice
-                .room("lobby", &format!("m{i}"), &format!("k{i}"))
-                .await["seq"],
-            i
-        );
-    }
-    redis.restart();
-    for n in [&a, &b] {
-        common::eventually("readyz after the restart", || {
-            common::http_blocking("GET", &format!("{}/readyz", n.base), &[], None)
-                .is_ok_and(|r| r.status == 200)
-        })
-        .await;
-    }
-    // the first call after the restart may meet a dead connection: retry like a client
-    let mut seq = None;
-    for attempt in 0..20 {
-        alice
-            .send(json!({"type":"room","room":"lobby","body":"m6","client_id":"k6"}))
-            .await;
-        let f = alice.recv_type_of(&["sent", "error"]).await;
-        if f["type"] == "sent" {
-            seq = f["seq"].as_u64();
-            break;
-        }
-        assert_eq!(f["code"], "unavailable", "attempt {attempt}: {f}");
-    }
-    assert_eq!(seq, Some(6), "seq continues after the restart");
-    // and delivery across nodes still works (the directory was rewritten if needed)
-    let mut seqs = Vec::new();
-    while seqs.last() != Some(&6) {
-        let m = bob.recv_type("message").await;
-        seqs.push(m["seq"].as_u64().unwrap());
-    }
-    assert_eq!(seqs, vec![1, 2, 3, 4, 5, 6]);
-}
-
-#[tokio::test]
 async fn graceful_stop_deregisters_and_closes_with_1012() {
-    let redis = RedisServer::start();
-    let a = node(&redis, "node-a");
-    let mut p = ProcessNode::start(&redis.url, "node-p");
+    let env = ClusterEnv::start();
+    let a = env.node("node-a");
+    let mut p = env.process("node-p");
     let mut bob = Client::connect_url(&p.ws_url("bob"), "bob").await;
-    let mut conn = redis.connection();
+    let mut conn = env.redis.connection();
     let members: Vec<String> = ::redis::cmd("ZRANGE")
         .arg("chatmesh:nodes")
         .arg(0)
@@ -498,7 +448,7 @@ async fn graceful_stop_deregisters_and_closes_with_1012() {
         vec!["node-a".to_string()],
         "deregistered at once, not after the TTL"
     );
-    let bob_nodes: Vec<String> = ::redis::cmd("HKEYS")
+    let bob_nodes: Vec<String> = ::redis::cmd("SMEMBERS")
         .arg("chatmesh:user_nodes:bob")
         .query(&mut conn)
         .unwrap();
@@ -508,9 +458,9 @@ async fn graceful_stop_deregisters_and_closes_with_1012() {
 
 #[tokio::test]
 async fn end_to_end_through_nginx_in_front_of_two_nodes() {
-    let redis = RedisServer::start();
-    let n1 = node(&redis, "node-1");
-    let n2 = node(&redis, "node-2");
+    let env = ClusterEnv::start();
+    let n1 = env.node("node-1");
+    let n2 = env.node("node-2");
     let addr = |n: &TestNode| n.base.trim_start_matches("http://").parse().unwrap();
     let nginx = common::nginx::Nginx::start(&[addr(&n1), addr(&n2)]);
 
@@ -559,9 +509,9 @@ async fn end_to_end_through_nginx_in_front_of_two_nodes() {
 
 #[tokio::test]
 async fn a_dead_nodes_users_are_announced_offline() {
-    let redis = RedisServer::start();
-    let a = node(&redis, "node-a");
-    let mut doomed = ProcessNode::start(&redis.url, "node-doomed");
+    let env = ClusterEnv::start();
+    let a = env.node("node-a");
+    let mut doomed = env.process("node-doomed");
     let mut alice = Client::connect(&a, "alice").await;
     alice.join("lobby").await;
     let mut bob = Client::connect_url(&doomed.ws_url("bob"), "bob").await;
@@ -587,37 +537,36 @@ async fn a_dead_nodes_users_are_announced_offline() {
     );
 }
 
+/// Redis restarted empty (no persistence): nothing is lost (it held no message), the
+/// nodes write their directory entries again within a heartbeat, their connections are
+/// told to resync, seqs go on from the database, and live delivery resumes.
 #[tokio::test]
-async fn directory_is_rebuilt_when_redis_loses_its_data() {
-    let mut redis = RedisServer::start();
-    let a = node(&redis, "node-a");
-    let b = node(&redis, "node-b");
+async fn redis_losing_its_data_loses_nothing_and_delivery_resumes() {
+    let mut env = ClusterEnv::start();
+    let a = env.node("node-a");
+    let b = env.node("node-b");
     let mut alice = Client::connect(&a, "alice").await;
     let mut bob = Client::connect(&b, "bob").await;
+    alice.join("lobby").await;
+    bob.join("lobby").await;
     alice.direct("bob", "before", "k1").await;
     bob.recv_type("message").await;
-    redis.restart(); // no AOF: everything is gone, including the directory
-    let mut conn = redis.connection();
+    env.redis.restart(); // no AOF: everything is gone, including the directory
+    assert_eq!(bob.recv_type("resync").await, json!({"type":"resync"}));
     common::eventually("node-b to write bob's directory entry again", || {
-        let n: Option<i64> = ::redis::cmd("HGET")
-            .arg("chatmesh:user_nodes:bob")
-            .arg("node-b")
-            .query(&mut conn)
-            .unwrap_or(None);
-        n == Some(1)
+        in_set(&env, "chatmesh:user_nodes:bob", "node-b")
+            && in_set(&env, "chatmesh:room_nodes:lobby", "node-b")
     })
     .await;
-    let mut body = None;
-    for _ in 0..20 {
-        alice
-            .send(json!({"type":"direct","to":"bob","body":"after","client_id":"k2"}))
-            .await;
-        if alice.recv_type_of(&["sent", "error"]).await["type"] == "sent" {
-            body = Some(bob.recv_type("message").await["body"].clone());
-            break;
-        }
-    }
-    assert_eq!(body, Some(json!("after")));
+    let sent = alice.direct("bob", "after", "k2").await;
+    assert_eq!(sent["seq"], 2, "the seq counter lives in the database");
+    let m = bob.recv_type("message").await;
+    assert_eq!(
+        (m["body"].as_str(), m["seq"].as_u64()),
+        (Some("after"), Some(2))
+    );
+    alice.room("lobby", "room after", "k3").await;
+    assert_eq!(bob.recv_type("message").await["body"], "room after");
 }
 
 #[test]
@@ -649,7 +598,7 @@ struct FakePeer {
 
 impl FakePeer {
     /// Registers node `id` at `port` and keeps its heartbeat fresh until dropped.
-    fn register(redis: &RedisServer, id: &'static str, port: u16) -> FakePeer {
+    fn register(redis: &common::redis::RedisServer, id: &'static str, port: u16) -> FakePeer {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut conn = redis.connection();
         let keep = stop.clone();
@@ -658,12 +607,12 @@ impl FakePeer {
                 let (secs, micros): (u64, u64) = ::redis::cmd("TIME").query(&mut conn).unwrap();
                 let now = secs * 1000 + micros / 1000;
                 let _: () = ::redis::pipe()
-                    .zadd("chatmesh:nodes", id, now)
                     .hset(
-                        format!("chatmesh:node:{id}"),
-                        "advertise",
+                        "chatmesh:node_addrs",
+                        id,
                         format!("http://127.0.0.1:{port}"),
                     )
+                    .zadd("chatmesh:nodes", id, now)
                     .query(&mut conn)
                     .unwrap();
                 std::thread::sleep(std::time::Duration::from_millis(50));
@@ -749,16 +698,15 @@ impl Drop for FakePeer {
 
 #[tokio::test]
 async fn failed_peer_posts_are_retried_and_coalesced() {
-    let redis = RedisServer::start();
-    let a = node(&redis, "node-a");
+    let env = ClusterEnv::start();
+    let a = env.node("node-a");
     let port = common::free_port();
-    let peer = FakePeer::register(&redis, "node-fake", port);
+    let peer = FakePeer::register(&env.redis, "node-fake", port);
     // bob is connected to the fake node, as far as the directory knows
-    let mut conn = redis.connection();
-    let _: () = ::redis::cmd("HSET")
+    let mut conn = env.redis.connection();
+    let _: () = ::redis::cmd("SADD")
         .arg("chatmesh:user_nodes:bob")
         .arg("node-fake")
-        .arg(1)
         .query(&mut conn)
         .unwrap();
     let mut alice = Client::connect(&a, "alice").await;
@@ -810,16 +758,15 @@ async fn failed_peer_posts_are_retried_and_coalesced() {
 
 #[tokio::test]
 async fn peer_connections_are_kept_alive() {
-    let redis = RedisServer::start();
-    let a = node(&redis, "node-a");
+    let env = ClusterEnv::start();
+    let a = env.node("node-a");
     let port = common::free_port();
-    let peer = FakePeer::register(&redis, "node-fake", port);
+    let peer = FakePeer::register(&env.redis, "node-fake", port);
     peer.listen(port).await;
-    let mut conn = redis.connection();
-    let _: () = ::redis::cmd("HSET")
+    let mut conn = env.redis.connection();
+    let _: () = ::redis::cmd("SADD")
         .arg("chatmesh:user_nodes:bob")
         .arg("node-fake")
-        .arg(1)
         .query(&mut conn)
         .unwrap();
     let mut alice = Client::connect(&a, "alice").await;

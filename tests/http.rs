@@ -355,8 +355,11 @@ async fn server_api() {
 
 #[test]
 fn binary_logs_listening_on_and_exits_0_on_sigterm() {
-    let mut node =
-        common::LoggedProcess::spawn(common::chatmesh_on_port_0().env("RUST_LOG", "info"));
+    let mut node = common::LoggedProcess::spawn(
+        common::chatmesh_on_port_0()
+            .args(["--database-url", "memory:"])
+            .env("RUST_LOG", "info"),
+    );
     // the address it logs is the one it bound (port 0 asked for any), and it answers
     let addr = node.public_address();
     assert!(

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{settings, Client, Event, TestNode};
+use common::{settings, Client, Event, ProcessNode, TestNode};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
@@ -82,16 +82,44 @@ async fn oversize_frame_closes_with_1009() {
     assert!(b.drain().await.is_empty(), "nothing was delivered");
 }
 
+/// Syncs `conv` from `cursor` until `synced` lists nothing more; answers the seqs seen.
+async fn sync_all(c: &mut Client, conv: &str) -> std::collections::BTreeSet<u64> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut cursor = 0u64;
+    loop {
+        c.send(json!({"type":"sync","cursors":{conv:cursor}})).await;
+        let more = loop {
+            let f = c.recv().await;
+            if f["type"] == "synced" {
+                break !f["more"].as_array().unwrap().is_empty();
+            }
+            if f["type"] == "message" && f["conv"] == conv {
+                let seq = f["seq"].as_u64().unwrap();
+                seen.insert(seq);
+                cursor = cursor.max(seq);
+            }
+        };
+        if !more {
+            return seen;
+        }
+    }
+}
+
+/// A client that stops reading (a tiny receive buffer, never a recv) is closed with
+/// 1008 within the client timeout and its TCP connection is dropped, though it never
+/// reads again; a reading client in the same room gets every message meanwhile, and
+/// the dropped one catches up by sync. The slow client keeps sending pings, so it is
+/// not silent: only the outbound stall can catch it.
 #[tokio::test]
-async fn slow_consumer_is_closed_while_others_keep_receiving() {
+async fn a_client_that_never_reads_is_dropped_within_the_client_timeout() {
     let mut s = settings();
-    s.limits.outbound_queue = 16;
+    s.client_timeout = Duration::from_secs(2);
+    s.ping_interval = Duration::from_millis(100);
     s.limits.rate_burst = 10_000.0;
     s.limits.rate_per_sec = 10_000.0;
+    let timeout = s.client_timeout;
     let node = TestNode::start(s);
-    // The slow client has a tiny receive buffer and never reads.
     Client::connect(&node, "slow").await.join("busy").await;
-    // A tiny receive buffer and no reads: the node's writes back up quickly.
     let mut slow = Client::connect_with_rcvbuf(&node, "slow", 4096).await;
     let mut fast = Client::connect(&node, "fast").await;
     let mut sender = Client::connect(&node, "sender").await;
@@ -105,53 +133,151 @@ async fn slow_consumer_is_closed_while_others_keep_receiving() {
         sender
             .send(json!({"type":"room","room":"busy","body":body,"client_id":format!("k{i}")}))
             .await;
-        // the sender must read its own answers to keep the test about "slow" only
         let _ = sender.recv_type("sent").await;
         while let Some(f) = fast.try_recv().await {
             if f["type"] == "message" {
                 fast_seen += 1;
             }
         }
+        if i % 50 == 0 {
+            let _ = slow
+                .try_send_raw(tokio_tungstenite::tungstenite::Message::Ping(
+                    vec![1].into(),
+                ))
+                .await;
+        }
     }
+    // The burst is over: whatever the slow client still holds up, it is gone within
+    // the client timeout (the stall began before this point).
+    let burst_end = std::time::Instant::now();
+    let deadline = burst_end + timeout + Duration::from_millis(500);
+    while node.metric("chatmesh_connections") > 2.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slow client is still connected {:?} after the burst",
+            burst_end.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(node.metric("chatmesh_slow_consumers_closed_total"), 1.0);
+    assert_ne!(
+        slow.tcp_state(),
+        1,
+        "the TCP connection is not ESTABLISHED any more"
+    );
     while fast_seen < total {
         if fast.recv().await["type"] == "message" {
             fast_seen += 1;
         }
     }
     assert_eq!(fast_seen, total, "the reading client got everything");
-    common::eventually("the slow consumer to be flagged", || {
-        node.metric("chatmesh_slow_consumers_closed_total") == 1.0
-    })
-    .await;
-    // When the slow client finally reads, it finds a prefix of the messages and 1008.
-    let (code, frames) = slow.expect_close().await;
-    assert_eq!(code, Some(CloseCode::Policy));
-    let got = frames.iter().filter(|f| f["type"] == "message").count() as u64;
-    assert!(got < total, "it was cut off ({got} of {total})");
-    // It reconnects and catches up with everything through sync.
+    let answers = fast.presence(&["slow"]).await;
+    assert_eq!(answers[0]["online"], false, "its presence went with it");
+    drop(slow);
     let mut again = Client::connect(&node, "slow").await;
-    let mut seen = std::collections::BTreeSet::new();
-    let mut cursor = 0u64;
-    loop {
-        again
-            .send(json!({"type":"sync","cursors":{"room:busy":cursor}}))
+    assert_eq!(sync_all(&mut again, "room:busy").await.len() as u64, total);
+}
+
+/// A reading client that falls behind a burst is never closed: the live messages over
+/// its bound are dropped, it is sent `resync`, and sync brings what it missed.
+#[tokio::test]
+async fn a_reading_client_survives_a_burst_over_its_bound_by_resync() {
+    let mut s = settings();
+    s.limits.outbound_queue = 16;
+    s.limits.rate_burst = 10_000.0;
+    s.limits.rate_per_sec = 10_000.0;
+    let node = TestNode::start(s);
+    Client::connect(&node, "reader").await.join("burst").await;
+    let mut reader = Client::connect_with_rcvbuf(&node, "reader", 4096).await;
+    let mut sender = Client::connect(&node, "sender").await;
+    sender.join("burst").await;
+    // The reader reads nothing while 1500 messages are stored and pushed to it: far
+    // more than its bound of 16 and than its socket buffers hold.
+    let body = "z".repeat(4000);
+    let total = 1500u64;
+    for i in 0..total {
+        sender
+            .send(json!({"type":"room","room":"burst","body":body,"client_id":format!("b{i}")}))
             .await;
-        let more = loop {
-            let f = again.recv().await;
-            if f["type"] == "synced" {
-                break !f["more"].as_array().unwrap().is_empty();
+        let _ = sender.recv_type("sent").await;
+    }
+    // Now it reads: messages, then resync, and never a close.
+    let mut live = std::collections::BTreeSet::new();
+    loop {
+        let f = reader.recv().await;
+        match f["type"].as_str() {
+            Some("message") => {
+                live.insert(f["seq"].as_u64().unwrap());
             }
-            if f["type"] == "message" {
-                let seq = f["seq"].as_u64().unwrap();
-                seen.insert(seq);
-                cursor = cursor.max(seq);
-            }
-        };
-        if !more {
+            Some("resync") => break,
+            other => panic!("unexpected {other:?}: {f}"),
+        }
+    }
+    assert!(
+        (live.len() as u64) < total,
+        "some were dropped: {}",
+        live.len()
+    );
+    assert!(node.metric("chatmesh_outbox_dropped_total") >= 1.0);
+    assert!(node.metric("chatmesh_resyncs_total") >= 0.0);
+    assert_eq!(node.metric("chatmesh_slow_consumers_closed_total"), 0.0);
+    let synced = sync_all(&mut reader, "room:burst").await;
+    assert_eq!(synced.len() as u64, total, "sync brings everything");
+}
+
+/// A masked client frame header announcing `len` bytes of text.
+fn header(len: u64) -> Vec<u8> {
+    let mut h = vec![0x81, 0xFF];
+    h.extend_from_slice(&len.to_be_bytes());
+    h.extend_from_slice(&[0x11, 0x22, 0x33, 0x44]);
+    h
+}
+
+/// A header announcing 1 GiB is refused with 1009 as soon as it arrives: the node does
+/// not buffer the payload (its RSS does not grow by more than a few MiB while the
+/// client streams 64 MiB after the header). So is one announcing 2^63-1 bytes.
+#[tokio::test]
+async fn frame_limits_are_enforced_at_the_header() {
+    let node = ProcessNode::single("memory:", &[]);
+    let mut warm = Client::connect_url(&node.ws_url("warm"), "warm").await;
+    warm.direct("other", "warming up", "w").await;
+    let before = node.rss_kib();
+    let mut big = Client::connect_url(&node.ws_url("big"), "big").await;
+    big.write_raw(&header(1 << 30)).await.unwrap();
+    let chunk = vec![0u8; 1 << 20];
+    for _ in 0..64 {
+        if big.write_raw(&chunk).await.is_err() {
             break;
         }
     }
-    assert_eq!(seen.len() as u64, total);
+    let grown = node.rss_kib().saturating_sub(before);
+    let (code, _) = big.expect_close().await;
+    assert_eq!(code, Some(CloseCode::Size));
+    assert!(grown < 8 * 1024, "RSS grew by {grown} KiB");
+    let mut huge = Client::connect_url(&node.ws_url("huge"), "huge").await;
+    huge.write_raw(&header(i64::MAX as u64)).await.unwrap();
+    let (code, _) = huge.expect_close().await;
+    assert_eq!(code, Some(CloseCode::Size));
+    // the node serves everyone else
+    assert_eq!(warm.direct("other", "still here", "w2").await["seq"], 2);
+}
+
+/// A text frame that is not UTF-8 closes with 1007; a bad opcode with 1002.
+#[tokio::test]
+async fn invalid_utf8_closes_with_1007_and_protocol_errors_with_1002() {
+    let node = TestNode::start(settings());
+    let mut c = Client::connect(&node, "alice").await;
+    // FIN + text, masked, 2 bytes: 0xC3 0x28 is not UTF-8 (the mask is zero).
+    c.write_raw(&[0x81, 0x82, 0, 0, 0, 0, 0xC3, 0x28])
+        .await
+        .unwrap();
+    let (code, _) = c.expect_close().await;
+    assert_eq!(code, Some(CloseCode::Invalid));
+    let mut c = Client::connect(&node, "bob").await;
+    // opcode 0x3 is reserved
+    c.write_raw(&[0x83, 0x80, 0, 0, 0, 0]).await.unwrap();
+    let (code, _) = c.expect_close().await;
+    assert_eq!(code, Some(CloseCode::Protocol));
 }
 
 #[tokio::test]

@@ -1,62 +1,36 @@
-//! The ClusterBridge actor: heartbeats this node into Redis, keeps the table of live
-//! peers, cleans up after dead ones, keeps this node's directory entries, and carries
-//! stored messages and presence events to the peers that need them in batched POSTs.
+//! The ClusterBridge actor: a thin shell over [`Liveness`] (heartbeats, the live table,
+//! cleaning up after dead nodes) and [`Delivery`] (a batching queue per peer, POSTed to
+//! its peer API with awc). Messages stored on this node are routed here: the bridge
+//! looks up, in one Redis round trip for every message waiting, which nodes hold their
+//! recipients, and queues each message for exactly those peers, serialised once.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use serde::Serialize;
 use serde_json::value::RawValue;
+use tokio::sync::oneshot;
 
-use super::directory::{Directory, LocalUser};
-use super::queue::{Item, MembershipEvent, PeerQueue, PresenceEvent};
+use super::delivery::{self, Delivery};
+use super::directory::Directory;
+use super::liveness::Liveness;
+use super::queue::{Batch, Item, MembershipEvent, PresenceEvent};
+use super::upkeep::UpkeepState;
 use crate::metrics::Metrics;
 use crate::protocol::Message as ChatMessage;
-use crate::server::{ChatServer, RoomPresence, Snapshot, MAILBOX_CAPACITY};
+use crate::server::{ChatServer, Presence, Reconcile, Resync, ResyncScope};
 use crate::store::SharedStore;
 
-/// Most items in one POST.
-pub const MAX_BATCH: usize = 512;
-/// Most items waiting for one peer; more are dropped (they are stored: recipients get
-/// them at their next sync).
-pub const PEER_QUEUE_CAPACITY: usize = 20_000;
 /// Deadline of one POST to a peer.
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(5);
-/// Pause before sending a failed directory removal again. Removals are idempotent, so
-/// one that did land and is sent again changes nothing.
-const REMOVAL_RETRY: Duration = Duration::from_secs(1);
-/// Attempts at one removal before it is given up (with an error in the log; the
-/// connection then counts until this node stops).
-const REMOVAL_ATTEMPTS: u32 = 30;
-
-/// Shared with the [`super::Cluster`] handle.
-pub struct SharedState {
-    pub live: RwLock<HashMap<String, String>>,
-    pub registered: AtomicBool,
-}
-
-pub struct ClusterBridge {
-    node_id: String,
-    advertise: String,
-    secret: String,
-    heartbeat: Duration,
-    node_ttl: Duration,
-    directory: Arc<Directory>,
-    store: SharedStore,
-    server: Addr<ChatServer>,
-    metrics: Arc<Metrics>,
-    shared: Arc<SharedState>,
-    peers: HashMap<String, PeerQueue>,
-    client: Option<awc::Client>,
-    beating: bool,
-    ticker: Option<SpawnHandle>,
-    leaving: bool,
-    /// Directory updates under way, so shutdown can wait for them.
-    pending: usize,
-}
+/// Messages waiting for a directory look-up; beyond this they go to every peer.
+const MAX_ROUTING: usize = 50_000;
+/// Messages one look-up serves.
+const LOOKUP_BATCH: usize = 1024;
+/// Mailbox bound of the bridge (senders use `send`, which waits for room).
+pub const MAILBOX_CAPACITY: usize = 16_384;
 
 pub struct BridgeConfig {
     pub node_id: String,
@@ -66,87 +40,84 @@ pub struct BridgeConfig {
     pub node_ttl: Duration,
 }
 
+pub struct ClusterBridge {
+    cfg: BridgeConfig,
+    directory: Arc<Directory>,
+    store: SharedStore,
+    server: Addr<ChatServer>,
+    metrics: Arc<Metrics>,
+    registered: Arc<AtomicBool>,
+    upkeep: Arc<UpkeepState>,
+    liveness: Liveness,
+    delivery: Delivery,
+    client: Option<awc::Client>,
+    /// Stored messages waiting for a look-up of their nodes.
+    routing: Vec<Arc<ChatMessage>>,
+    looking_up: bool,
+    beating: bool,
+    leaving: bool,
+    ticker: Option<SpawnHandle>,
+    /// Cleanups and announcements under way, so shutdown can wait for them.
+    pending: usize,
+}
+
 impl ClusterBridge {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
-        config: BridgeConfig,
+        cfg: BridgeConfig,
         directory: Arc<Directory>,
         store: SharedStore,
         server: Addr<ChatServer>,
         metrics: Arc<Metrics>,
-        shared: Arc<SharedState>,
+        registered: Arc<AtomicBool>,
+        upkeep: Arc<UpkeepState>,
+        liveness: Liveness,
     ) -> Self {
         ClusterBridge {
-            node_id: config.node_id,
-            advertise: config.advertise,
-            secret: config.secret,
-            heartbeat: config.heartbeat,
-            node_ttl: config.node_ttl,
+            cfg,
             directory,
             store,
             server,
             metrics,
-            shared,
-            peers: HashMap::new(),
+            registered,
+            upkeep,
+            liveness,
+            delivery: Delivery::default(),
             client: None,
+            routing: Vec::new(),
+            looking_up: false,
             beating: false,
-            ticker: None,
             leaving: false,
+            ticker: None,
             pending: 0,
         }
     }
 
-    fn queued(&self) -> usize {
-        self.peers.values().map(PeerQueue::len).sum()
-    }
-
     fn update_depth(&self) {
-        self.metrics.peer_queue_depth.set(self.queued() as i64);
+        self.metrics
+            .peer_queue_depth
+            .set(self.delivery.depth() as i64);
     }
 
-    fn enqueue(&mut self, node: &str, item: Item, ctx: &mut Context<Self>) {
-        if node == self.node_id {
+    fn queue_message(&mut self, node: &str, json: &Arc<RawValue>, conv: &str) {
+        if node == self.cfg.node_id {
             return;
         }
-        let alive = self
-            .shared
-            .live
-            .read()
-            .map(|l| l.contains_key(node))
-            .unwrap_or(false);
-        if !alive {
-            // A node that registered since our last heartbeat is in the directory but
-            // not yet in our table: queue for it and look again now. A dead one's
-            // queue is dropped by that heartbeat (its users sync when they reconnect).
-            log::debug!("{node} is not in the live table yet; refreshing it");
-            self.beat(ctx);
-        }
-        let queue = self
-            .peers
-            .entry(node.to_owned())
-            .or_insert_with(|| PeerQueue::new(PEER_QUEUE_CAPACITY));
-        if !queue.push(item) {
+        if !self.delivery.message(node, json.clone(), conv) {
             self.metrics.peer_dropped.inc();
-            log::warn!("peer {node}: outbound queue full, dropping a delivery (it stays stored)");
-            return;
+            log::warn!(
+                "peer {node}: outbound queue full; it will resync the connections of {conv}"
+            );
         }
-        self.flush(node.to_owned(), ctx);
     }
 
     /// Starts a POST to `node` if none is in flight.
     fn flush(&mut self, node: String, ctx: &mut Context<Self>) {
-        let Some(url) = self
-            .shared
-            .live
-            .read()
-            .ok()
-            .and_then(|l| l.get(&node).cloned())
-        else {
+        let Some(url) = self.liveness.url(&node) else {
+            // Not (yet) in the live table: the next heartbeat decides.
             return;
         };
-        let Some(queue) = self.peers.get_mut(&node) else {
-            return;
-        };
-        let Some(batch) = queue.take_batch(MAX_BATCH, Instant::now()) else {
+        let Some(batch) = self.delivery.take(&node, Instant::now()) else {
             self.update_depth();
             return;
         };
@@ -154,15 +125,18 @@ impl ClusterBridge {
         let Some(client) = self.client.clone() else {
             return;
         };
-        let body = encode_batch(&self.node_id, &batch);
+        let body = delivery::encode(&self.cfg.node_id, &batch);
         let n = batch
+            .items
             .iter()
             .filter(|i| matches!(i, Item::Message(_)))
             .count();
         self.metrics.peer_posts.inc();
         self.metrics.peer_messages.inc_by(n as u64);
-        self.metrics.peer_batch_size.observe(batch.len() as f64);
-        let auth = format!("Bearer {}", self.secret);
+        self.metrics
+            .peer_batch_size
+            .observe(batch.items.len() as f64);
+        let auth = format!("Bearer {}", self.cfg.secret);
         let fut = async move {
             let resp = client
                 .post(format!("{url}/internal/deliver"))
@@ -186,23 +160,90 @@ impl ClusterBridge {
             }
         };
         ctx.spawn(fut.into_actor(self).map(move |result, act, ctx| {
-            let Some(queue) = act.peers.get_mut(&node) else {
-                return;
-            };
-            match result {
-                Ok(()) => {
-                    queue.succeeded();
-                    act.flush(node, ctx);
-                }
-                Err(e) => {
-                    act.metrics.peer_failures.inc();
-                    let wait = queue.failed(batch, Instant::now());
+            act.delivered(node, batch, result, ctx);
+        }));
+    }
+
+    fn delivered(
+        &mut self,
+        node: String,
+        batch: Batch,
+        result: Result<(), String>,
+        ctx: &mut Context<Self>,
+    ) {
+        match result {
+            Ok(()) => {
+                self.delivery.succeeded(&node, &batch);
+                self.flush(node, ctx);
+            }
+            Err(e) => {
+                self.metrics.peer_failures.inc();
+                if let Some(wait) = self.delivery.failed(&node, batch, Instant::now()) {
                     log::warn!("peer {node}: delivery failed ({e}); retrying in {wait:?}");
                     ctx.run_later(wait, move |act, ctx| act.flush(node, ctx));
                 }
             }
-            act.update_depth();
-        }));
+        }
+        self.update_depth();
+    }
+
+    /// Looks up the nodes of every message waiting, then queues each for its peers.
+    fn route(&mut self, ctx: &mut Context<Self>) {
+        if self.looking_up || self.routing.is_empty() {
+            return;
+        }
+        self.looking_up = true;
+        let n = self.routing.len().min(LOOKUP_BATCH);
+        let messages: Vec<Arc<ChatMessage>> = self.routing.drain(..n).collect();
+        let lookups = delivery::lookups(&messages);
+        let directory = self.directory.clone();
+        ctx.spawn(
+            async move {
+                let users = directory.user_nodes(&lookups.users).await?;
+                let rooms = directory.room_nodes(&lookups.rooms).await?;
+                let users: HashMap<String, Vec<String>> =
+                    lookups.users.into_iter().zip(users).collect();
+                let rooms: HashMap<String, Vec<String>> =
+                    lookups.rooms.into_iter().zip(rooms).collect();
+                Ok::<_, crate::store::StoreError>((users, rooms))
+            }
+            .into_actor(self)
+            .map(move |found, act, ctx| {
+                act.looking_up = false;
+                let mut touched = std::collections::BTreeSet::new();
+                match found {
+                    Ok((users, rooms)) => {
+                        for m in &messages {
+                            let Some(json) = serialise(m) else { continue };
+                            for node in delivery::nodes_of(m, &users, &rooms) {
+                                act.queue_message(node, &json, &m.conv);
+                                touched.insert(node.to_owned());
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        // Without the directory, every live peer gets them (each
+                        // delivers to whoever it holds).
+                        log::warn!(
+                            "directory look-up failed ({e}); sending {} messages to every peer",
+                            messages.len()
+                        );
+                        let peers = act.liveness.peers();
+                        for m in &messages {
+                            let Some(json) = serialise(m) else { continue };
+                            for node in &peers {
+                                act.queue_message(node, &json, &m.conv);
+                            }
+                        }
+                        touched.extend(peers);
+                    }
+                }
+                for node in touched {
+                    act.flush(node, ctx);
+                }
+                act.route(ctx);
+            }),
+        );
     }
 
     fn beat(&mut self, ctx: &mut Context<Self>) {
@@ -211,36 +252,25 @@ impl ClusterBridge {
         }
         self.beating = true;
         let directory = self.directory.clone();
-        let advertise = self.advertise.clone();
-        let ttl = self.node_ttl.as_millis() as u64;
+        let advertise = self.cfg.advertise.clone();
+        let ttl = self.cfg.node_ttl.as_millis() as u64;
         let started = Instant::now();
         ctx.spawn(
             async move { directory.heartbeat(&advertise, ttl).await }
                 .into_actor(self)
-                .map(move |result, act, ctx| {
+                .map(move |r, act, ctx| {
                     act.beating = false;
-                    match result {
-                        Ok(beat) => {
-                            if !act.shared.registered.swap(true, Ordering::Relaxed) {
-                                log::info!(
-                                    "node {} registered in the cluster ({} live nodes)",
-                                    act.node_id,
-                                    beat.live.len()
-                                );
-                            }
-                            act.apply_live(beat.live, started, ctx);
-                            if beat.was_missing {
-                                act.rewrite_directory(ctx);
-                            }
-                            for dead in beat.dead {
-                                act.remove_dead(dead, ctx);
-                            }
-                        }
+                    if act.leaving {
+                        return;
+                    }
+                    match r {
+                        Ok(hb) => act.beat_answered(hb, started, ctx),
                         Err(e) => {
-                            if act.shared.registered.swap(false, Ordering::Relaxed) {
+                            act.liveness.failed(started);
+                            if act.registered.swap(false, Ordering::Relaxed) {
                                 log::error!(
                                     "node {}: heartbeat failed, not ready: {e}",
-                                    act.node_id
+                                    act.cfg.node_id
                                 );
                             }
                         }
@@ -249,192 +279,141 @@ impl ClusterBridge {
         );
     }
 
-    fn apply_live(
+    fn beat_answered(
         &mut self,
-        live: Vec<(String, String)>,
-        beat_started: Instant,
+        hb: super::directory::Heartbeat,
+        started: Instant,
         ctx: &mut Context<Self>,
     ) {
-        let live: HashMap<String, String> = live
-            .into_iter()
-            .map(|(id, url)| (id, url.trim_end_matches('/').to_owned()))
-            .collect();
-        // Queues of peers that left: drop what they hold (it is stored). A queue made
-        // after this beat started waits for the next beat.
-        let gone: Vec<String> = self
-            .peers
-            .iter()
-            .filter(|(id, q)| !live.contains_key(*id) && q.created < beat_started)
-            .map(|(id, _)| id.clone())
-            .collect();
-        let unsure = self
-            .peers
-            .iter()
-            .any(|(id, q)| !live.contains_key(id) && q.created >= beat_started);
-        for id in gone {
-            if let Some(mut q) = self.peers.remove(&id) {
-                let n = q.clear();
-                if n > 0 {
-                    self.metrics.peer_dropped.inc_by(n as u64);
-                    log::warn!(
-                        "peer {id} is gone; dropped {n} queued deliveries (they stay stored)"
-                    );
-                }
+        let live = hb.live.len();
+        let outcome = self.liveness.beat(hb, Instant::now());
+        if !self.registered.swap(true, Ordering::Relaxed) {
+            log::info!(
+                "node {} registered in the cluster ({live} live nodes)",
+                self.cfg.node_id
+            );
+        }
+        if outcome.rejoin || self.upkeep.dirty.load(Ordering::SeqCst) {
+            // Redis lost this node's entries (or some were not written): write them all
+            // again, then tell every connection here to sync.
+            if outcome.rejoin {
+                log::warn!(
+                    "node {}: missing from the registry or cut off; writing its directory entries again and resyncing its connections",
+                    self.cfg.node_id
+                );
+            }
+            let _ = self.server.try_send(Reconcile { resync_after: true });
+        }
+        let mut gone = outcome.gone;
+        // A queue for a node that never appeared in the table since it was made.
+        gone.extend(
+            self.delivery
+                .older_than(started)
+                .into_iter()
+                .filter(|n| !self.liveness.is_live(n)),
+        );
+        for node in gone {
+            let n = self.delivery.give_up(&node);
+            if n > 0 {
+                self.metrics.peer_dropped.inc_by(n as u64);
+                log::warn!("peer {node} is gone; dropped {n} queued deliveries (they stay stored)");
             }
         }
-        if let Ok(mut l) = self.shared.live.write() {
-            *l = live;
+        for peer in self.liveness.peers() {
+            self.flush(peer, ctx);
         }
-        // A peer that came back may have a queue waiting.
-        let waiting: Vec<String> = self
-            .peers
-            .iter()
-            .filter(|(_, q)| !q.is_empty())
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in waiting {
-            self.flush(id, ctx);
+        for dead in outcome.dead {
+            self.clean_up(dead, ctx);
         }
         self.update_depth();
-        if unsure {
-            self.beat(ctx);
-        }
     }
 
-    fn rewrite_directory(&mut self, ctx: &mut Context<Self>) {
-        let server = self.server.clone();
-        let directory = self.directory.clone();
-        self.pending += 1;
-        ctx.spawn(
-            async move {
-                let snapshot = server.send(Snapshot).await.map_err(|e| e.to_string())?;
-                let users: Vec<LocalUser> = snapshot.users;
-                directory.rewrite(&users).await.map_err(|e| e.to_string())?;
-                Ok::<usize, String>(users.len())
-            }
-            .into_actor(self)
-            .map(|r, act, _| {
-                act.pending -= 1;
-                match r {
-                    Ok(0) => {}
-                    Ok(n) => log::info!(
-                        "node {}: wrote the directory entries of {n} local users again",
-                        act.node_id
-                    ),
-                    Err(e) => log::error!(
-                        "node {}: cannot rewrite directory entries: {e}",
-                        act.node_id
-                    ),
-                }
-            }),
-        );
-    }
-
-    fn remove_dead(&mut self, dead: String, ctx: &mut Context<Self>) {
-        if dead == self.node_id {
-            return;
-        }
+    /// Removes a dead node's entries (if no other node claimed it), announces its users
+    /// offline and tells this node's connections to sync: the dead node may have stored
+    /// messages it never delivered.
+    fn clean_up(&mut self, dead: String, ctx: &mut Context<Self>) {
         let directory = self.directory.clone();
         let store = self.store.clone();
         self.pending += 1;
         ctx.spawn(
             async move {
-                let offline = directory.remove_node(&dead).await?;
-                let mut announcements = Vec::new();
-                for uid in offline {
-                    let rooms = store.rooms_of(&uid).await?;
-                    announcements.push((uid, rooms));
+                if !directory.claim_cleanup(&dead).await? {
+                    return Ok(None);
                 }
-                Ok::<_, crate::store::StoreError>((dead, announcements))
+                let offline = directory.remove_node(&dead).await?;
+                let mut gone = Vec::new();
+                for uid in offline {
+                    let rooms = tokio::time::timeout(PEER_TIMEOUT, store.rooms_of(&uid))
+                        .await
+                        .unwrap_or(Err(crate::store::StoreError::Timeout(PEER_TIMEOUT)))
+                        .unwrap_or_default();
+                    gone.push((uid, rooms));
+                }
+                Ok::<_, crate::store::StoreError>(Some((dead, gone)))
             }
             .into_actor(self)
             .map(|r, act, ctx| {
                 act.pending -= 1;
                 match r {
-                    Ok((dead, announcements)) => {
+                    Ok(None) => {}
+                    Ok(Some((dead, gone))) => {
                         log::warn!(
                             "node {dead} stopped heartbeating; removed it ({} users went offline)",
-                            announcements.len()
+                            gone.len()
                         );
-                        for (uid, rooms) in announcements {
-                            act.announce(uid, rooms, false, ctx);
+                        for (uid, rooms) in gone {
+                            let rooms = rooms.into_iter().map(|r| r.room).collect();
+                            act.announce(uid, false, rooms, ctx);
                         }
+                        let server = act.server.clone();
+                        ctx.spawn(
+                            async move {
+                                let _ = server
+                                    .send(Resync {
+                                        scope: ResyncScope::All,
+                                    })
+                                    .await;
+                            }
+                            .into_actor(act),
+                        );
                     }
-                    Err(e) => log::error!("cannot clean up a dead node: {e}"),
+                    Err(e) => log::warn!("cannot clean up a dead node yet: {e}"),
                 }
             }),
         );
     }
 
-    /// Tells every node with online members of `rooms` (this one included) that `uid`
-    /// came online or went offline.
-    fn announce(&mut self, uid: String, rooms: Vec<String>, online: bool, ctx: &mut Context<Self>) {
-        if rooms.is_empty() {
-            return;
+    /// Tells every node (this one included) that `uid` came online or went offline.
+    fn announce(&mut self, uid: String, online: bool, rooms: Vec<String>, ctx: &mut Context<Self>) {
+        let event = Arc::new(PresenceEvent { uid, online, rooms });
+        for peer in self.liveness.peers() {
+            self.delivery
+                .event(&peer, Item::Presence(event.clone()), None);
+            self.flush(peer, ctx);
         }
-        let directory = self.directory.clone();
-        self.pending += 1;
+        let server = self.server.clone();
+        let local = Presence {
+            uid: event.uid.clone(),
+            online: event.online,
+            rooms: event.rooms.clone(),
+        };
         ctx.spawn(
             async move {
-                let nodes = directory.room_nodes(&rooms).await;
-                (rooms, nodes)
+                let _ = server.send(local).await;
             }
-            .into_actor(self)
-            .map(move |(rooms, nodes), act, ctx| {
-                act.pending -= 1;
-                let nodes = match nodes {
-                    Ok(n) => n,
-                    Err(e) => {
-                        log::warn!("presence of {uid} not announced to peers: {e}");
-                        vec![Vec::new(); rooms.len()]
-                    }
-                };
-                for (room, nodes) in rooms.into_iter().zip(nodes) {
-                    act.server.do_send(RoomPresence {
-                        room: room.clone(),
-                        uid: uid.clone(),
-                        online,
-                    });
-                    let event = Arc::new(PresenceEvent {
-                        room,
-                        uid: uid.clone(),
-                        online,
-                    });
-                    for node in nodes {
-                        act.enqueue(&node, Item::Presence(event.clone()), ctx);
-                    }
-                }
-            }),
+            .into_actor(self),
         );
     }
 }
 
-#[derive(Serialize)]
-struct BatchOut<'a> {
-    from: &'a str,
-    messages: Vec<&'a RawValue>,
-    presence: Vec<&'a PresenceEvent>,
-    membership: Vec<&'a MembershipEvent>,
-}
-
-fn encode_batch(from: &str, batch: &[Item]) -> Vec<u8> {
-    let mut out = BatchOut {
-        from,
-        messages: Vec::new(),
-        presence: Vec::new(),
-        membership: Vec::new(),
-    };
-    for item in batch {
-        match item {
-            Item::Message(m) => out.messages.push(&**m),
-            Item::Presence(p) => out.presence.push(p),
-            Item::Membership(m) => out.membership.push(m),
+fn serialise(m: &ChatMessage) -> Option<Arc<RawValue>> {
+    match serde_json::value::to_raw_value(m) {
+        Ok(json) => Some(json.into()),
+        Err(e) => {
+            log::error!("cannot serialise message {}: {e}", m.id);
+            None
         }
     }
-    serde_json::to_vec(&out).unwrap_or_else(|e| {
-        log::error!("cannot encode a peer batch: {e}");
-        b"{}".to_vec()
-    })
 }
 
 impl Actor for ClusterBridge {
@@ -450,32 +429,33 @@ impl Actor for ClusterBridge {
                 .finish(),
         );
         self.beat(ctx);
-        self.ticker = Some(ctx.run_interval(self.heartbeat, |act, ctx| act.beat(ctx)));
+        self.ticker = Some(ctx.run_interval(self.cfg.heartbeat, |act, ctx| act.beat(ctx)));
     }
 }
 
-/// A stored message for the peers in `nodes`.
+/// A message this node stored: deliver it to the peers that hold its recipients.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Route {
     pub message: Arc<ChatMessage>,
-    pub nodes: Vec<String>,
 }
 
 impl Handler<Route> for ClusterBridge {
     type Result = ();
 
     fn handle(&mut self, msg: Route, ctx: &mut Context<Self>) {
-        let json = match serde_json::value::to_raw_value(&*msg.message) {
-            Ok(json) => Arc::<RawValue>::from(json),
-            Err(e) => {
-                log::error!("cannot serialise message {}: {e}", msg.message.id);
-                return;
+        if self.routing.len() >= MAX_ROUTING {
+            // Look-ups are far behind: skip the look-up, every peer gets it.
+            if let Some(json) = serialise(&msg.message) {
+                for peer in self.liveness.peers() {
+                    self.queue_message(&peer, &json, &msg.message.conv);
+                    self.flush(peer, ctx);
+                }
             }
-        };
-        for node in &msg.nodes {
-            self.enqueue(node, Item::Message(json.clone()), ctx);
+            return;
         }
+        self.routing.push(msg.message);
+        self.route(ctx);
     }
 }
 
@@ -484,122 +464,76 @@ impl Handler<Route> for ClusterBridge {
 #[rtype(result = "()")]
 pub struct Announce {
     pub uid: String,
-    pub rooms: Vec<String>,
     pub online: bool,
+    /// Their rooms small enough for live presence events.
+    pub rooms: Vec<String>,
 }
 
 impl Handler<Announce> for ClusterBridge {
     type Result = ();
 
     fn handle(&mut self, msg: Announce, ctx: &mut Context<Self>) {
-        self.announce(msg.uid, msg.rooms, msg.online, ctx);
+        self.announce(msg.uid, msg.online, msg.rooms, ctx);
     }
 }
 
-impl Handler<super::ClusterEvent> for ClusterBridge {
-    type Result = ();
-
-    fn handle(&mut self, msg: super::ClusterEvent, ctx: &mut Context<Self>) {
-        match msg {
-            super::ClusterEvent::Disconnected { uid, sid, rooms } => {
-                self.remove_connection(uid, sid, rooms, 1, ctx);
-            }
-        }
-    }
-}
-
-impl ClusterBridge {
-    /// Stops counting connection `sid` of `uid`; announces the user offline when it was
-    /// their last connection anywhere. Retried while it fails, since a count left
-    /// behind would route messages here and show the user online for nothing.
-    fn remove_connection(
-        &mut self,
-        uid: String,
-        sid: u64,
-        rooms: Vec<String>,
-        attempt: u32,
-        ctx: &mut Context<Self>,
-    ) {
-        let directory = self.directory.clone();
-        self.pending += 1;
-        ctx.spawn(
-            async move {
-                let change = directory.connection(&uid, sid, &rooms, false).await;
-                (uid, rooms, change)
-            }
-            .into_actor(self)
-            .map(move |(uid, rooms, change), act, ctx| {
-                act.pending -= 1;
-                match change {
-                    Ok(change) if change.changed && change.total == 0 => {
-                        act.announce(uid, rooms, false, ctx)
-                    }
-                    Ok(_) => {}
-                    // A stopping node takes all its entries out at once.
-                    Err(_) if act.leaving => {}
-                    Err(e) if attempt < REMOVAL_ATTEMPTS => {
-                        log::warn!(
-                            "directory: removal of connection {sid} of {uid} failed (attempt {attempt}), retrying: {e}"
-                        );
-                        ctx.run_later(REMOVAL_RETRY, move |act, ctx| {
-                            act.remove_connection(uid, sid, rooms, attempt + 1, ctx)
-                        });
-                    }
-                    Err(e) => log::error!(
-                        "directory: gave up removing connection {sid} of {uid} after {attempt} attempts; it counts until node {} stops: {e}",
-                        act.node_id
-                    ),
-                }
-            }),
-        );
-    }
-}
-
-/// A user joined or left a room: the other nodes holding their connections must
-/// start or stop delivering that room to them.
+/// A membership change: the other nodes holding connections of the user must follow
+/// it. Answers once they all confirmed (or the wait ran out).
 #[derive(Message)]
-#[rtype(result = "()")]
-pub struct MembershipChanged {
-    pub uid: String,
-    pub room: String,
-    pub joined: bool,
+#[rtype(result = "bool")]
+pub struct Forward {
+    pub event: MembershipEvent,
+    pub timeout: Duration,
 }
 
-impl Handler<MembershipChanged> for ClusterBridge {
-    type Result = ();
+impl Handler<Forward> for ClusterBridge {
+    type Result = ResponseActFuture<Self, bool>;
 
-    fn handle(&mut self, msg: MembershipChanged, ctx: &mut Context<Self>) {
+    fn handle(&mut self, msg: Forward, _: &mut Context<Self>) -> Self::Result {
         let directory = self.directory.clone();
-        self.pending += 1;
-        ctx.spawn(
-            async move {
-                let nodes = directory.user_nodes(&msg.uid).await;
-                (msg, nodes)
-            }
-            .into_actor(self)
-            .map(|(msg, nodes), act, ctx| {
-                act.pending -= 1;
-                let nodes = match nodes {
-                    Ok(n) => n,
-                    Err(e) => {
-                        log::warn!("membership change of {} not forwarded: {e}", msg.uid);
-                        return;
+        let uid = msg.event.uid.clone();
+        let timeout = msg.timeout;
+        Box::pin(
+            async move { directory.user_nodes(&[uid]).await }
+                .into_actor(self)
+                .map(move |nodes, act, ctx| {
+                    let nodes = match nodes {
+                        Ok(mut n) => n.pop().unwrap_or_default(),
+                        Err(e) => {
+                            log::warn!("membership change of {} not forwarded: {e}", msg.event.uid);
+                            // Every live peer then: better twice than never.
+                            act.liveness.peers()
+                        }
+                    };
+                    let event = Arc::new(msg.event);
+                    let mut acks = Vec::new();
+                    for node in nodes {
+                        if node == act.cfg.node_id {
+                            continue;
+                        }
+                        let (ack, acked) = oneshot::channel();
+                        act.delivery
+                            .event(&node, Item::Membership(event.clone()), Some(ack));
+                        acks.push(acked);
+                        act.flush(node, ctx);
                     }
-                };
-                let event = Arc::new(MembershipEvent {
-                    uid: msg.uid,
-                    room: msg.room,
-                    joined: msg.joined,
-                });
-                for node in nodes {
-                    act.enqueue(&node, Item::Membership(event.clone()), ctx);
-                }
-            }),
-        );
+                    acks
+                })
+                .then(move |acks, act, _| {
+                    async move {
+                        let all = futures_util::future::join_all(acks);
+                        match tokio::time::timeout(timeout, all).await {
+                            Ok(answers) => answers.into_iter().all(|a| a == Ok(true)),
+                            Err(_) => false,
+                        }
+                    }
+                    .into_actor(act)
+                }),
+        )
     }
 }
 
-/// Whether anything is still on its way (directory updates, peer POSTs).
+/// Whether anything is still on its way (directory writes, peer POSTs, look-ups).
 #[derive(Message)]
 #[rtype(result = "bool")]
 pub struct Busy;
@@ -608,7 +542,11 @@ impl Handler<Busy> for ClusterBridge {
     type Result = bool;
 
     fn handle(&mut self, _: Busy, _: &mut Context<Self>) -> bool {
-        self.pending > 0 || self.peers.values().any(|q| q.in_flight() || !q.is_empty())
+        self.pending > 0
+            || self.looking_up
+            || !self.routing.is_empty()
+            || self.upkeep.pending.load(Ordering::SeqCst) > 0
+            || self.delivery.busy()
     }
 }
 
@@ -627,15 +565,15 @@ impl Handler<Deregister> for ClusterBridge {
             ctx.cancel_future(t);
         }
         let directory = self.directory.clone();
-        let id = self.node_id.clone();
+        let id = self.cfg.node_id.clone();
         Box::pin(
             async move { directory.remove_node(&id).await }
                 .into_actor(self)
                 .map(|r, act, _| {
-                    act.shared.registered.store(false, Ordering::Relaxed);
+                    act.registered.store(false, Ordering::Relaxed);
                     match r {
-                        Ok(_) => log::info!("node {} left the cluster", act.node_id),
-                        Err(e) => log::warn!("node {} could not deregister: {e}", act.node_id),
+                        Ok(_) => log::info!("node {} left the cluster", act.cfg.node_id),
+                        Err(e) => log::warn!("node {} could not deregister: {e}", act.cfg.node_id),
                     }
                 }),
         )

@@ -1,143 +1,93 @@
-//! The cluster's shared state in Redis: which nodes are alive (the registry) and which
+//! The cluster's soft state in Redis: which nodes are alive (the registry) and which
 //! nodes hold the connections of each user and of each room's members (the directory).
+//! Plain async functions over a Redis connection; no actors.
 //!
 //! Why it is built this way:
 //!
-//! - **Counts, not sets.** A node adds one per connection and removes one when it
-//!   closes (`HINCRBY`), so updates commute: a disconnect and a reconnect racing each
-//!   other cannot leave the directory wrong, whichever Redis sees first.
-//! - **Each connection counts once.** The node's `node_conns` set holds the session
-//!   ids the counts include, and an update changes the counts only if it changes that
-//!   set. So a removal can always be sent, and sent again: after an add that timed
-//!   out (it may or may not have landed; if it lands late, the removal that follows
-//!   it on the same connection undoes it), and as a retry after a removal failed.
-//! - **Every update is one script**, so the user's hash, the room hashes and the node's
-//!   own indexes (`node_users`, `node_rooms`, kept so a dead node can be cleaned up
-//!   without a scan) never disagree.
-//! - **Redis's clock** stamps heartbeats (`TIME` inside the script), so nodes whose
-//!   clocks differ still agree on who is dead.
-//! - **Anyone cleans up a dead node**, atomically; a second cleaner finds nothing left.
+//! - **Every command and script touches one key** (the layout is in [`crate::keys`]), so
+//!   nothing needs two keys in one slot and the same code runs on a Redis Cluster.
+//!   Where two keys must agree (a user's set of nodes and a node's set of users), they
+//!   are written in an order that is safe to split: the node's own index first when
+//!   adding, last when removing, so a cleaner never misses an entry.
+//! - **Sets of nodes, not counts.** A node is in `user_nodes:{uid}` while it holds at
+//!   least one of the user's connections. Only the node itself knows that, and only its
+//!   ChatServer decides it, so the node's updates are idempotent (`SADD`/`SREM`) and
+//!   arrive in order from one writer ([`super::upkeep`]); anything that went wrong is
+//!   repaired by writing the node's entries again from its own tables
+//!   ([`Directory::reconcile`]).
+//! - **`SADD` and `SCARD` in one script** tell whether this was the user's first
+//!   connection anywhere (or their last), so exactly one node announces a user online
+//!   or offline however many connect at once.
+//! - **Redis's clock** stamps heartbeats (`TIME` in the script), so nodes whose clocks
+//!   differ still agree on who is dead.
+//! - **Heartbeats have their own connection** with a short timeout, so a slow directory
+//!   write never delays a heartbeat past the TTL.
 
-use redis::aio::ConnectionManager;
-use redis::Script;
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Pipeline, RedisError, Script, Value};
 
 use crate::keys;
 use crate::store::StoreError;
 
-/// KEYS: 1 nodes zset, 2 this node's hash. ARGV: 1 node id, 2 advertise URL,
-/// 3 ttl ms, 4 prefix of node hashes.
-/// Returns {existed (0/1), {id, url, id, url, ...} of live nodes, {dead ids}}.
+/// KEYS: 1 the nodes ZSET. ARGV: 1 node id, 2 ttl ms.
+/// Returns {existed (0/1), {live ids}, {dead ids}}.
 const HEARTBEAT_LUA: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local existed = redis.call('EXISTS', KEYS[2])
+local existed = redis.call('ZSCORE', KEYS[1], ARGV[1]) and 1 or 0
 redis.call('ZADD', KEYS[1], now, ARGV[1])
-redis.call('HSET', KEYS[2], 'advertise', ARGV[2])
-local cutoff = now - tonumber(ARGV[3])
-local live = {}
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], cutoff, '+inf')) do
-  table.insert(live, id)
-  table.insert(live, redis.call('HGET', ARGV[4] .. id, 'advertise') or '')
-end
+local cutoff = now - tonumber(ARGV[2])
+local live = redis.call('ZRANGEBYSCORE', KEYS[1], cutoff, '+inf')
 local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. cutoff)
 return {existed, live, dead}
 "#;
 
-/// KEYS: 1 user_nodes of the user, 2 node_users of this node, 3 node_rooms of this
-/// node, 4 node_conns of this node, 5.. room_nodes of each room. ARGV: 1 node id,
-/// 2 uid, 3 delta (1 or -1), 4 session id, 5.. the rooms (ARGV[i] is the room of
-/// KEYS[i]).
-/// Returns {changed (0/1), the user's connection count over all nodes afterwards}:
-/// adding a connection already counted, or removing one that is not, changes nothing.
-const CONNECTION_LUA: &str = r#"
-local node, uid, d = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local changed
-if d > 0 then
-  changed = redis.call('SADD', KEYS[4], ARGV[4])
-else
-  changed = redis.call('SREM', KEYS[4], ARGV[4])
-end
-if changed == 1 then
-  if redis.call('HINCRBY', KEYS[1], node, d) <= 0 then
-    redis.call('HDEL', KEYS[1], node)
-    redis.call('SREM', KEYS[2], uid)
-  else
-    redis.call('SADD', KEYS[2], uid)
-  end
-  for i = 5, #KEYS do
-    if redis.call('HINCRBY', KEYS[i], node, d) <= 0 then
-      redis.call('HDEL', KEYS[i], node)
-      redis.call('SREM', KEYS[3], ARGV[i])
-    else
-      redis.call('SADD', KEYS[3], ARGV[i])
-    end
-  end
-end
-local total = 0
-for _, v in ipairs(redis.call('HVALS', KEYS[1])) do
-  total = total + tonumber(v)
-end
-return {changed, total}
+/// KEYS: 1 a set. ARGV: 1 a member. Returns {added (0/1), cardinality afterwards}.
+const ADD_LUA: &str = r#"
+local added = redis.call('SADD', KEYS[1], ARGV[1])
+return {added, redis.call('SCARD', KEYS[1])}
 "#;
 
-/// KEYS: 1 nodes zset, 2.. user_nodes of each user. ARGV: 1 ttl ms.
-/// Returns 1 or 0 per user: whether one of their nodes heartbeat within the ttl.
-const ONLINE_LUA: &str = r#"
-local t = redis.call('TIME')
-local cutoff = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[1])
-local out = {}
-for i = 2, #KEYS do
-  local online = 0
-  for _, node in ipairs(redis.call('HKEYS', KEYS[i])) do
-    local beat = redis.call('ZSCORE', KEYS[1], node)
-    if beat and tonumber(beat) >= cutoff then
-      online = 1
-      break
-    end
-  end
-  out[i - 1] = online
-end
-return out
+/// KEYS: 1 a set. ARGV: 1 a member. Returns {removed (0/1), cardinality afterwards}.
+const REMOVE_LUA: &str = r#"
+local removed = redis.call('SREM', KEYS[1], ARGV[1])
+return {removed, redis.call('SCARD', KEYS[1])}
 "#;
 
-/// KEYS: 1 room_nodes of the room, 2 node_rooms of this node. ARGV: 1 node id, 2 room,
-/// 3 delta.
-const ROOM_LUA: &str = r#"
-if redis.call('HINCRBY', KEYS[1], ARGV[1], tonumber(ARGV[3])) <= 0 then
-  redis.call('HDEL', KEYS[1], ARGV[1])
-  redis.call('SREM', KEYS[2], ARGV[2])
-else
-  redis.call('SADD', KEYS[2], ARGV[2])
-end
-return 1
-"#;
+/// How long a node's claim to clean up a dead node lasts.
+const CLEANUP_CLAIM: Duration = Duration::from_secs(10);
 
-/// KEYS: 1 nodes zset, 2 node hash, 3 node_users, 4 node_rooms, 5 node_conns of the
-/// dead node.
-/// ARGV: 1 node id, 2 prefix of user_nodes keys, 3 prefix of room_nodes keys.
-/// Returns the users who had connections only on that node.
-const CLEANUP_LUA: &str = r#"
-local offline = {}
-for _, uid in ipairs(redis.call('SMEMBERS', KEYS[3])) do
-  local k = ARGV[2] .. uid
-  redis.call('HDEL', k, ARGV[1])
-  if redis.call('HLEN', k) == 0 then
-    table.insert(offline, uid)
-  end
-end
-for _, room in ipairs(redis.call('SMEMBERS', KEYS[4])) do
-  redis.call('HDEL', ARGV[3] .. room, ARGV[1])
-end
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
-redis.call('ZREM', KEYS[1], ARGV[1])
-return offline
-"#;
+/// A change of this node's directory entries, in the order its ChatServer made it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DirOp {
+    /// The user's first connection on this node opened.
+    UserOnline(String),
+    /// The user's last connection on this node closed.
+    UserOffline(String),
+    /// A member of the room is now connected here (none was).
+    RoomOccupied(String),
+    /// No member of the room is connected here any more.
+    RoomVacated(String),
+}
+
+/// What applying one [`DirOp`] showed about the whole cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    /// The user had no connection anywhere before: announce them online.
+    FirstAnywhere,
+    /// The user has no connection anywhere now: announce them offline.
+    GoneEverywhere,
+    None,
+}
 
 /// What one heartbeat learned.
 #[derive(Debug, Clone, Default)]
 pub struct Heartbeat {
-    /// This node's entry was missing: first beat, or Redis lost its data, or another
-    /// node declared this one dead. The local directory entries must be written again.
+    /// This node was not in the registry: its first beat, or Redis lost its data, or
+    /// other nodes declared it dead. Its entries must be written again.
     pub was_missing: bool,
     /// Live nodes (including this one) and their advertised URLs.
     pub live: Vec<(String, String)>,
@@ -145,200 +95,302 @@ pub struct Heartbeat {
     pub dead: Vec<String>,
 }
 
-/// One local user's entries, for rewriting the directory.
-#[derive(Debug, Clone)]
-pub struct LocalUser {
-    pub uid: String,
-    /// Session ids of the user's connections here.
-    pub sessions: Vec<u64>,
-    pub rooms: Vec<String>,
-}
-
-/// What one connection update did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConnectionChange {
-    /// False when the connection was already counted (add) or was not (remove).
-    pub changed: bool,
-    /// The user's connections over the whole cluster afterwards.
-    pub total: i64,
+/// How long Redis may take.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// Directory writes and look-ups.
+    pub directory: Duration,
+    /// One heartbeat (shorter: it must finish well within the TTL).
+    pub heartbeat: Duration,
 }
 
 pub struct Directory {
     conn: ConnectionManager,
+    beat: ConnectionManager,
     node_id: String,
     heartbeat: Script,
-    connection: Script,
-    room: Script,
-    online: Script,
-    cleanup: Script,
 }
 
-fn unavailable(e: redis::RedisError) -> StoreError {
-    StoreError::Unavailable(e.to_string())
+fn unavailable(e: RedisError) -> StoreError {
+    StoreError::Unavailable(format!("redis: {e}"))
+}
+
+async fn connect(url: &str, timeout: Duration) -> Result<ConnectionManager, StoreError> {
+    let client = redis::Client::open(url)
+        .map_err(|e| StoreError::Unavailable(format!("bad redis url {url:?}: {e}")))?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout))
+        .set_number_of_retries(2)
+        .set_max_delay(timeout);
+    tokio::time::timeout(
+        timeout.saturating_mul(4),
+        ConnectionManager::new_with_config(client, config),
+    )
+    .await
+    .map_err(|_| StoreError::Timeout(timeout.saturating_mul(4)))?
+    .map_err(unavailable)
+}
+
+fn eval(pipe: &mut Pipeline, lua: &str, key: String, member: &str) {
+    pipe.cmd("EVAL").arg(lua).arg(1).arg(key).arg(member);
+}
+
+/// `{flag, count}` from [`ADD_LUA`] / [`REMOVE_LUA`].
+fn flag_and_count(v: &Value) -> Option<(bool, i64)> {
+    match v {
+        Value::Array(a) => match a.as_slice() {
+            [Value::Int(flag), Value::Int(n)] => Some((*flag == 1, *n)),
+            _ => None,
+        },
+        _ => None,
+    }
 }
 
 impl Directory {
-    pub fn new(conn: ConnectionManager, node_id: String) -> Self {
-        Directory {
-            conn,
-            node_id,
+    /// Connects twice: one connection for heartbeats, one for everything else.
+    pub async fn connect(url: &str, node_id: &str, t: Timeouts) -> Result<Self, StoreError> {
+        Ok(Directory {
+            conn: connect(url, t.directory).await?,
+            beat: connect(url, t.heartbeat).await?,
+            node_id: node_id.to_owned(),
             heartbeat: Script::new(HEARTBEAT_LUA),
-            connection: Script::new(CONNECTION_LUA),
-            room: Script::new(ROOM_LUA),
-            online: Script::new(ONLINE_LUA),
-            cleanup: Script::new(CLEANUP_LUA),
-        }
+        })
     }
 
     pub fn node_id(&self) -> &str {
         &self.node_id
     }
 
+    /// Registers (or keeps registered) this node and reads the registry.
     pub async fn heartbeat(&self, advertise: &str, ttl_ms: u64) -> Result<Heartbeat, StoreError> {
+        let mut beat = self.beat.clone();
+        // The address first: a node is never live without one.
+        let () = redis::cmd("HSET")
+            .arg(keys::node_addrs())
+            .arg(&self.node_id)
+            .arg(advertise)
+            .query_async::<i64>(&mut beat)
+            .await
+            .map(|_| ())
+            .map_err(unavailable)?;
         let (existed, live, dead): (i64, Vec<String>, Vec<String>) = self
             .heartbeat
             .key(keys::nodes())
-            .key(keys::node(&self.node_id))
             .arg(&self.node_id)
-            .arg(advertise)
             .arg(ttl_ms)
-            .arg(keys::node(""))
-            .invoke_async(&mut self.conn.clone())
+            .invoke_async(&mut beat)
             .await
             .map_err(unavailable)?;
-        let live = live
-            .chunks_exact(2)
-            .map(|pair| (pair[0].clone(), pair[1].clone()))
-            .collect();
+        let urls: Vec<Option<String>> = if live.is_empty() {
+            Vec::new()
+        } else {
+            redis::cmd("HMGET")
+                .arg(keys::node_addrs())
+                .arg(&live)
+                .query_async(&mut beat)
+                .await
+                .map_err(unavailable)?
+        };
         Ok(Heartbeat {
             was_missing: existed == 0,
-            live,
+            live: live
+                .into_iter()
+                .zip(urls)
+                .filter_map(|(id, url)| Some((id, url?)))
+                .collect(),
             dead,
         })
     }
 
-    /// Counts connection `sid` of `uid` here (`added`) or stops counting it, in the
-    /// user's entry and in each of `rooms`. Idempotent: see [`ConnectionChange`].
-    pub async fn connection(
-        &self,
-        uid: &str,
-        sid: u64,
-        rooms: &[String],
-        added: bool,
-    ) -> Result<ConnectionChange, StoreError> {
-        let mut inv = self.connection.prepare_invoke();
-        inv.key(keys::user_nodes(uid))
-            .key(keys::node_users(&self.node_id))
-            .key(keys::node_rooms(&self.node_id))
-            .key(keys::node_conns(&self.node_id))
-            .arg(&self.node_id)
-            .arg(uid)
-            .arg(if added { 1 } else { -1 })
-            .arg(sid);
-        for room in rooms {
-            inv.key(keys::room_nodes(room)).arg(room);
-        }
-        let (changed, total): (i64, i64) = inv
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(unavailable)?;
-        Ok(ConnectionChange {
-            changed: changed == 1,
-            total,
-        })
-    }
-
-    /// A membership change of a user with `delta` connections here.
-    pub async fn room_delta(&self, room: &str, delta: i64) -> Result<(), StoreError> {
-        self.room
-            .key(keys::room_nodes(room))
-            .key(keys::node_rooms(&self.node_id))
-            .arg(&self.node_id)
-            .arg(room)
-            .arg(delta)
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(unavailable)
-    }
-
-    /// Whether each user has a connection on a node that heartbeat within `ttl_ms`,
-    /// judged by Redis at this instant (a node's own table of peers may be a beat old).
-    pub async fn online(&self, uids: &[String], ttl_ms: u64) -> Result<Vec<bool>, StoreError> {
-        if uids.is_empty() {
+    /// Applies this node's changes in order, in one round trip.
+    pub async fn apply(&self, ops: &[DirOp]) -> Result<Vec<Transition>, StoreError> {
+        if ops.is_empty() {
             return Ok(Vec::new());
         }
-        let mut inv = self.online.prepare_invoke();
-        inv.key(keys::nodes()).arg(ttl_ms);
-        for uid in uids {
-            inv.key(keys::user_nodes(uid));
+        let me = &self.node_id;
+        let mut pipe = redis::pipe();
+        for op in ops {
+            match op {
+                DirOp::UserOnline(uid) => {
+                    pipe.sadd(keys::node_users(me), uid).ignore();
+                    eval(&mut pipe, ADD_LUA, keys::user_nodes(uid), me);
+                }
+                DirOp::UserOffline(uid) => {
+                    eval(&mut pipe, REMOVE_LUA, keys::user_nodes(uid), me);
+                    pipe.srem(keys::node_users(me), uid).ignore();
+                }
+                DirOp::RoomOccupied(room) => {
+                    pipe.sadd(keys::node_rooms(me), room).ignore();
+                    pipe.sadd(keys::room_nodes(room), me).ignore();
+                }
+                DirOp::RoomVacated(room) => {
+                    pipe.srem(keys::room_nodes(room), me).ignore();
+                    pipe.srem(keys::node_rooms(me), room).ignore();
+                }
+            }
         }
-        let online: Vec<i64> = inv
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(unavailable)?;
-        Ok(online.into_iter().map(|o| o == 1).collect())
-    }
-
-    /// The nodes holding connections of `uid`.
-    pub async fn user_nodes(&self, uid: &str) -> Result<Vec<String>, StoreError> {
-        redis::cmd("HKEYS")
-            .arg(keys::user_nodes(uid))
+        let replies: Vec<Value> = pipe
             .query_async(&mut self.conn.clone())
             .await
+            .map_err(unavailable)?;
+        let mut replies = replies.iter();
+        let mut out = Vec::with_capacity(ops.len());
+        for op in ops {
+            let t = match op {
+                DirOp::UserOnline(_) => match replies.next().and_then(flag_and_count) {
+                    Some((true, 1)) => Transition::FirstAnywhere,
+                    Some(_) => Transition::None,
+                    None => return Err(StoreError::Corrupt("bad reply to a directory add".into())),
+                },
+                DirOp::UserOffline(_) => match replies.next().and_then(flag_and_count) {
+                    Some((true, 0)) => Transition::GoneEverywhere,
+                    Some(_) => Transition::None,
+                    None => {
+                        return Err(StoreError::Corrupt(
+                            "bad reply to a directory removal".into(),
+                        ))
+                    }
+                },
+                DirOp::RoomOccupied(_) | DirOp::RoomVacated(_) => Transition::None,
+            };
+            out.push(t);
+        }
+        Ok(out)
+    }
+
+    /// Makes this node's entries exactly `users` and `rooms`: adds what is missing
+    /// and removes what it no longer holds (after Redis lost its data, after this
+    /// node was declared dead, or after a write failed).
+    pub async fn reconcile(
+        &self,
+        users: &BTreeSet<String>,
+        rooms: &BTreeSet<String>,
+    ) -> Result<(), StoreError> {
+        let me = &self.node_id;
+        let (had_users, had_rooms): (BTreeSet<String>, BTreeSet<String>) = redis::pipe()
+            .smembers(keys::node_users(me))
+            .smembers(keys::node_rooms(me))
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        let mut pipe = redis::pipe();
+        for uid in users {
+            pipe.sadd(keys::node_users(me), uid).ignore();
+            pipe.sadd(keys::user_nodes(uid), me).ignore();
+        }
+        for uid in had_users.difference(users) {
+            pipe.srem(keys::user_nodes(uid), me).ignore();
+            pipe.srem(keys::node_users(me), uid).ignore();
+        }
+        for room in rooms {
+            pipe.sadd(keys::node_rooms(me), room).ignore();
+            pipe.sadd(keys::room_nodes(room), me).ignore();
+        }
+        for room in had_rooms.difference(rooms) {
+            pipe.srem(keys::room_nodes(room), me).ignore();
+            pipe.srem(keys::node_rooms(me), room).ignore();
+        }
+        pipe.query_async::<()>(&mut self.conn.clone())
+            .await
             .map_err(unavailable)
     }
 
-    /// The nodes with members of each room online.
+    /// The nodes holding connections of each user.
+    pub async fn user_nodes(&self, uids: &[String]) -> Result<Vec<Vec<String>>, StoreError> {
+        self.members(uids.iter().map(|u| keys::user_nodes(u))).await
+    }
+
+    /// The nodes holding connections of members of each room.
     pub async fn room_nodes(&self, rooms: &[String]) -> Result<Vec<Vec<String>>, StoreError> {
-        if rooms.is_empty() {
-            return Ok(Vec::new());
-        }
+        self.members(rooms.iter().map(|r| keys::room_nodes(r)))
+            .await
+    }
+
+    async fn members(
+        &self,
+        keys: impl Iterator<Item = String>,
+    ) -> Result<Vec<Vec<String>>, StoreError> {
         let mut pipe = redis::pipe();
-        for room in rooms {
-            pipe.hkeys(keys::room_nodes(room));
+        let mut n = 0;
+        for key in keys {
+            pipe.smembers(key);
+            n += 1;
+        }
+        if n == 0 {
+            return Ok(Vec::new());
         }
         pipe.query_async(&mut self.conn.clone())
             .await
             .map_err(unavailable)
     }
 
-    /// Removes every trace of node `id`; returns the users who are now offline.
-    pub async fn remove_node(&self, id: &str) -> Result<Vec<String>, StoreError> {
-        self.cleanup
-            .key(keys::nodes())
-            .key(keys::node(id))
-            .key(keys::node_users(id))
-            .key(keys::node_rooms(id))
-            .key(keys::node_conns(id))
-            .arg(id)
-            .arg(keys::user_nodes(""))
-            .arg(keys::room_nodes(""))
-            .invoke_async(&mut self.conn.clone())
+    /// Whether each node heartbeat within `ttl_ms`, judged by Redis's clock now (a
+    /// node's own live table may be a heartbeat old).
+    pub async fn are_live(&self, ids: &[String], ttl_ms: u64) -> Result<Vec<bool>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ((secs, micros), scores): ((u64, u64), Vec<Option<f64>>) = redis::pipe()
+            .cmd("TIME")
+            .cmd("ZMSCORE")
+            .arg(keys::nodes())
+            .arg(ids)
+            .query_async(&mut self.conn.clone())
             .await
-            .map_err(unavailable)
+            .map_err(unavailable)?;
+        let cutoff = (secs * 1000 + micros / 1000).saturating_sub(ttl_ms) as f64;
+        Ok(scores
+            .into_iter()
+            .map(|s| s.is_some_and(|beat| beat >= cutoff))
+            .collect())
     }
 
-    /// Writes this node's entries again from what it holds, after Redis lost them.
-    pub async fn rewrite(&self, users: &[LocalUser]) -> Result<(), StoreError> {
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        let mut room_counts: std::collections::HashMap<&str, usize> = Default::default();
-        for u in users {
-            pipe.hset(keys::user_nodes(&u.uid), &self.node_id, u.sessions.len())
-                .sadd(keys::node_users(&self.node_id), &u.uid);
-            if !u.sessions.is_empty() {
-                pipe.sadd(keys::node_conns(&self.node_id), &u.sessions);
-            }
-            for r in &u.rooms {
-                *room_counts.entry(r).or_default() += u.sessions.len();
-            }
-        }
-        for (room, n) in room_counts {
-            pipe.hset(keys::room_nodes(room), &self.node_id, n)
-                .sadd(keys::node_rooms(&self.node_id), room);
-        }
-        pipe.query_async::<()>(&mut self.conn.clone())
+    /// Claims the cleanup of dead node `id`; false when another node has it.
+    pub async fn claim_cleanup(&self, id: &str) -> Result<bool, StoreError> {
+        let claimed: Option<String> = redis::cmd("SET")
+            .arg(keys::cleanup(id))
+            .arg(&self.node_id)
+            .arg("NX")
+            .arg("PX")
+            .arg(CLEANUP_CLAIM.as_millis() as u64)
+            .query_async(&mut self.conn.clone())
             .await
-            .map_err(unavailable)
+            .map_err(unavailable)?;
+        Ok(claimed.is_some())
+    }
+
+    /// Removes every trace of node `id`; answers the users who now have no
+    /// connection anywhere. The registry entry goes last, so a node that comes back
+    /// meanwhile finds itself missing at its next heartbeat and writes its entries
+    /// again.
+    pub async fn remove_node(&self, id: &str) -> Result<Vec<String>, StoreError> {
+        let (users, rooms): (Vec<String>, Vec<String>) = redis::pipe()
+            .smembers(keys::node_users(id))
+            .smembers(keys::node_rooms(id))
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        let mut pipe = redis::pipe();
+        for uid in &users {
+            eval(&mut pipe, REMOVE_LUA, keys::user_nodes(uid), id);
+        }
+        for room in &rooms {
+            pipe.srem(keys::room_nodes(room), id).ignore();
+        }
+        pipe.del(keys::node_users(id)).ignore();
+        pipe.del(keys::node_rooms(id)).ignore();
+        pipe.hdel(keys::node_addrs(), id).ignore();
+        pipe.zrem(keys::nodes(), id).ignore();
+        let replies: Vec<Value> = pipe
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        Ok(users
+            .into_iter()
+            .zip(replies.iter())
+            .filter(|(_, r)| matches!(flag_and_count(r), Some((true, 0))))
+            .map(|(uid, _)| uid)
+            .collect())
     }
 }

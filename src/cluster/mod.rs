@@ -1,16 +1,24 @@
-//! Cluster mode (`--redis-url`): Redis is the store, the registry of live nodes and the
-//! directory of who is connected where; the [`bridge::ClusterBridge`] actor carries
-//! stored messages to exactly the peers that hold a recipient, in batched POSTs.
+//! Cluster mode (`--redis-url`): the nodes share one PostgreSQL database (the store of
+//! record) and one Redis, which holds only what they can rebuild: the registry of live
+//! nodes and the directory of who is connected where. Stored messages travel between
+//! nodes over the peer API, to exactly the nodes that hold a recipient.
 //!
-//! - [`directory`]: the Redis side of registry and directory (scripts, no actors).
-//! - [`queue`]: one peer's bounded, batching outbound queue.
-//! - [`bridge`]: the actor: heartbeat, live peers, dead-node cleanup, peer POSTs.
+//! Each job has its file:
+//!
+//! - [`directory`]: the Redis side of registry and directory (one key per command).
+//! - [`liveness`]: heartbeats as data: the live table, dead nodes, being cut off.
+//! - [`upkeep`]: this node's directory entries, written in order from its ChatServer.
+//! - [`delivery`] and [`queue`]: a bounded, batching queue per peer.
+//! - [`bridge`]: the ClusterBridge actor that drives liveness and delivery.
 //! - [`peer`]: the receiving end, `POST /internal/deliver`.
 
 pub mod bridge;
+pub mod delivery;
 pub mod directory;
+pub mod liveness;
 pub mod peer;
 pub mod queue;
+pub mod upkeep;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,36 +27,21 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
-use self::bridge::{
-    Announce, BridgeConfig, Busy, ClusterBridge, Deregister, MembershipChanged, Route, SharedState,
-    Stop,
-};
-use self::directory::Directory;
-use crate::chat::ChatError;
+use self::bridge::{BridgeConfig, Busy, ClusterBridge, Deregister, Forward, Route, Stop};
+use self::directory::{Directory, Timeouts};
+use self::liveness::{LiveTable, Liveness};
+use self::queue::MembershipEvent;
+use self::upkeep::UpkeepState;
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::protocol::Message as ChatMessage;
-use crate::server::{AttachCluster, ChatServer};
-use crate::store::redis::{RedisConfig, RedisStore};
-use crate::store::{SharedStore, StoreError, StoreLimits, Timed};
+use crate::server::{AttachCluster, ChatServer, Membership};
+use crate::store::{SharedStore, StoreError};
 
 pub use self::peer::peer_routes;
 
-/// How long shutdown waits for in-flight peer deliveries.
+/// How long shutdown waits for directory writes and in-flight peer deliveries.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Changes of this node's connections that the directory must follow.
-#[derive(Message, Debug, Clone)]
-#[rtype(result = "()")]
-pub enum ClusterEvent {
-    /// Connection `sid` of `uid` closed after it was registered here; it counts in each
-    /// of `rooms` if the directory counted it at all.
-    Disconnected {
-        uid: String,
-        sid: u64,
-        rooms: Vec<String>,
-    },
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -64,81 +57,68 @@ pub struct Cluster {
     node_id: String,
     bridge: Addr<ClusterBridge>,
     directory: Arc<Directory>,
-    shared: Arc<SharedState>,
+    registered: Arc<AtomicBool>,
     timeout: Duration,
     ttl_ms: u64,
 }
 
 impl Cluster {
     pub fn registered(&self) -> bool {
-        self.shared.registered.load(Ordering::Relaxed)
+        self.registered.load(Ordering::Relaxed)
     }
 
-    /// Carries a stored message to the peers among `nodes` (this node is skipped: the
-    /// caller delivers locally).
-    pub fn route(&self, message: Arc<ChatMessage>, nodes: Vec<String>) {
-        let nodes: Vec<String> = nodes.into_iter().filter(|n| *n != self.node_id).collect();
-        if !nodes.is_empty() {
-            self.bridge.do_send(Route { message, nodes });
+    /// Carries a stored message to the peers that hold its recipients. Waits for room
+    /// in the bridge's mailbox, so a node under load slows its senders.
+    pub async fn route(&self, message: Arc<ChatMessage>) {
+        if self.bridge.send(Route { message }).await.is_err() {
+            log::warn!("the cluster bridge has stopped: a stored message was not routed");
         }
     }
 
-    /// Records connection `sid` of `uid` here before it is welcomed, so any message
-    /// stored from now on is routed to this node; announces the user if this is their
-    /// first connection anywhere. On an error the record may still land later; the
-    /// removal the ChatServer sends when the connection closes undoes it.
-    pub async fn connected(&self, uid: &str, sid: u64, rooms: &[String]) -> Result<(), ChatError> {
-        let change = tokio::time::timeout(
-            self.timeout,
-            self.directory.connection(uid, sid, rooms, true),
-        )
-        .await
-        .unwrap_or(Err(StoreError::Timeout(self.timeout)))?;
-        if change.changed && change.total == 1 {
-            self.bridge.do_send(Announce {
-                uid: uid.to_owned(),
-                rooms: rooms.to_vec(),
-                online: true,
-            });
+    /// Tells the other nodes holding connections of the user about a membership change
+    /// this node has applied, and waits until they confirm it (or the store deadline
+    /// passes): a removal is then in force everywhere.
+    pub async fn membership(&self, change: Membership) {
+        let event = MembershipEvent {
+            uid: change.uid,
+            room: change.room,
+            joined: change.joined,
+            members: change.members,
+            by: change.by,
+        };
+        let confirmed = self
+            .bridge
+            .send(Forward {
+                event,
+                timeout: self.timeout,
+            })
+            .await;
+        if !matches!(confirmed, Ok(true)) {
+            log::warn!("a membership change was not confirmed by every node in time");
         }
-        Ok(())
     }
 
-    /// Records that this node now holds `delta` more (or fewer) connections of members
-    /// of `room`.
-    pub async fn room_delta(&self, room: &str, delta: i64) -> Result<(), ChatError> {
-        Ok(
-            tokio::time::timeout(self.timeout, self.directory.room_delta(room, delta))
-                .await
-                .unwrap_or(Err(StoreError::Timeout(self.timeout)))?,
-        )
+    /// Whether each user has a connection on a live node, as Redis sees it now.
+    pub async fn online(&self, uids: &[String]) -> Result<Vec<bool>, StoreError> {
+        let nodes = within(self.timeout, self.directory.user_nodes(uids)).await?;
+        let mut all: Vec<String> = nodes.iter().flatten().cloned().collect();
+        all.sort();
+        all.dedup();
+        let live = within(self.timeout, self.directory.are_live(&all, self.ttl_ms)).await?;
+        let live: std::collections::HashSet<&String> = all
+            .iter()
+            .zip(live)
+            .filter(|(_, l)| *l)
+            .map(|(n, _)| n)
+            .collect();
+        Ok(nodes
+            .iter()
+            .map(|ns| ns.iter().any(|n| live.contains(n)))
+            .collect())
     }
 
-    /// Tells the other nodes holding connections of `uid` about a membership change.
-    pub fn membership_changed(&self, uid: &str, room: &str, joined: bool) {
-        self.bridge.do_send(MembershipChanged {
-            uid: uid.to_owned(),
-            room: room.to_owned(),
-            joined,
-        });
-    }
-
-    /// Whether each user has a connection on a live node.
-    pub async fn online(&self, uids: &[String]) -> Result<Vec<bool>, ChatError> {
-        Ok(
-            tokio::time::timeout(self.timeout, self.directory.online(uids, self.ttl_ms))
-                .await
-                .unwrap_or(Err(StoreError::Timeout(self.timeout)))?,
-        )
-    }
-
-    /// Removes this node from the registry and the directory.
-    pub async fn deregister(&self) {
-        let _ = tokio::time::timeout(self.timeout, self.bridge.send(Deregister)).await;
-    }
-
-    /// Waits for in-flight directory updates and peer deliveries, then stops the bridge.
-    pub async fn stop(&self) {
+    /// Waits for directory writes and peer deliveries under way (at most a few seconds).
+    pub async fn drain(&self) {
         let deadline = Instant::now() + FLUSH_TIMEOUT;
         while Instant::now() < deadline {
             match self.bridge.send(Busy).await {
@@ -146,34 +126,56 @@ impl Cluster {
                 _ => break,
             }
         }
+    }
+
+    /// Removes this node from the registry and the directory.
+    pub async fn deregister(&self) {
+        let _ = tokio::time::timeout(self.timeout, self.bridge.send(Deregister)).await;
+    }
+
+    pub async fn stop(&self) {
         let _ = self.bridge.send(Stop).await;
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
     }
 }
 
-/// Connects to Redis, registers this node and starts the bridge.
+/// `fut`, or `Timeout` after `t`.
+async fn within<T>(
+    t: Duration,
+    fut: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(t, fut)
+        .await
+        .unwrap_or(Err(StoreError::Timeout(t)))
+}
+
+/// Connects to Redis, registers this node, starts the bridge and the directory upkeep,
+/// and attaches them to the ChatServer.
 pub async fn start(
     settings: Arc<Settings>,
-    limits: StoreLimits,
+    store: SharedStore,
     server: Addr<ChatServer>,
     metrics: Arc<Metrics>,
-) -> Result<(SharedStore, Cluster), ClusterError> {
+) -> Result<Cluster, ClusterError> {
     let url = settings.redis_url.clone().unwrap_or_default();
-    let redis_config = RedisConfig {
-        response_timeout: settings.store_timeout,
-        connection_timeout: settings.store_timeout,
-        ..RedisConfig::default()
+    let timeouts = Timeouts {
+        directory: settings.store_timeout,
+        heartbeat: settings.heartbeat,
     };
-    let redis = RedisStore::connect_with(&url, limits, redis_config)
-        .await
-        .map_err(|source| ClusterError::Redis {
-            url: url.clone(),
-            source,
-        })?;
-    let directory = Arc::new(Directory::new(redis.connection(), settings.node_id.clone()));
-    let store: SharedStore = Arc::new(Timed::new(redis, settings.store_timeout));
+    let directory = Arc::new(
+        Directory::connect(&url, &settings.node_id, timeouts)
+            .await
+            .map_err(|source| ClusterError::Redis {
+                url: url.clone(),
+                source,
+            })?,
+    );
     let advertise = settings.advertise.clone().unwrap_or_default();
     // Entries left by an earlier process with this node id (killed without a goodbye)
-    // would count connections that no longer exist.
+    // would route to connections that no longer exist.
     directory
         .remove_node(&settings.node_id)
         .await
@@ -183,10 +185,11 @@ pub async fn start(
         .heartbeat(&advertise, settings.node_ttl.as_millis() as u64)
         .await
         .map_err(ClusterError::Register)?;
-    let shared = Arc::new(SharedState {
-        live: RwLock::new(first.live.into_iter().collect::<HashMap<_, _>>()),
-        registered: AtomicBool::new(true),
-    });
+    let live: LiveTable = Arc::new(RwLock::new(HashMap::new()));
+    let mut liveness = Liveness::new(settings.node_id.clone(), live, settings.heartbeat);
+    liveness.beat(first, Instant::now());
+    let registered = Arc::new(AtomicBool::new(true));
+    let upkeep = Arc::new(UpkeepState::default());
     let bridge = ClusterBridge::new(
         BridgeConfig {
             node_id: settings.node_id.clone(),
@@ -196,22 +199,34 @@ pub async fn start(
             node_ttl: settings.node_ttl,
         },
         directory.clone(),
-        store.clone(),
+        store,
         server.clone(),
         metrics,
-        shared.clone(),
+        registered.clone(),
+        upkeep.clone(),
+        liveness,
     )
     .start();
-    server.do_send(AttachCluster {
-        events: bridge.clone().recipient(),
-    });
-    let cluster = Cluster {
+    let (sink, queue) = upkeep::channel(upkeep.clone());
+    actix_web::rt::spawn(upkeep::run(
+        directory.clone(),
+        queue,
+        upkeep,
+        bridge.clone(),
+        server.clone(),
+    ));
+    server
+        .send(AttachCluster {
+            sink: Box::new(sink),
+        })
+        .await
+        .map_err(|e| ClusterError::Register(StoreError::Unavailable(e.to_string())))?;
+    Ok(Cluster {
         node_id: settings.node_id.clone(),
         bridge,
         directory,
-        shared,
+        registered,
         timeout: settings.store_timeout,
         ttl_ms: settings.node_ttl.as_millis() as u64,
-    };
-    Ok((store, cluster))
+    })
 }

@@ -1,6 +1,12 @@
 //! The peer API on the internal listener: `POST /internal/deliver`.
+//!
+//! A batch is applied in order: membership changes first (a message to a room just
+//! joined elsewhere may be in the same batch), then the messages, then presence, then
+//! the resyncs for what the sender had to drop. The answer comes only after the
+//! ChatServer took everything (its mailbox is bounded), so a node that falls behind
+//! slows its peers' queues instead of growing its own.
 
-use std::sync::Arc;
+use std::time::Duration;
 
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -9,7 +15,7 @@ use serde::Deserialize;
 use super::queue::{MembershipEvent, PresenceEvent};
 use crate::http::{bearer_ok, ApiError, AppState};
 use crate::protocol::Message;
-use crate::server::{Fanout, RoomPresence};
+use crate::server::{FanoutBatch, Membership, Presence, Resync, ResyncScope};
 
 /// Largest batch body a peer may send (MAX_BATCH messages of the largest body, with
 /// room for JSON escaping).
@@ -24,6 +30,10 @@ struct BatchIn {
     presence: Vec<PresenceEvent>,
     #[serde(default)]
     membership: Vec<MembershipEvent>,
+    #[serde(default)]
+    lost: Vec<String>,
+    #[serde(default)]
+    lost_all: bool,
 }
 
 pub fn peer_routes(cfg: &mut web::ServiceConfig) {
@@ -32,6 +42,14 @@ pub fn peer_routes(cfg: &mut web::ServiceConfig) {
             .app_data(web::PayloadConfig::new(MAX_BATCH_BYTES))
             .route(web::post().to(deliver)),
     );
+}
+
+fn stopped() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        "this node is stopping",
+    )
 }
 
 async fn deliver(
@@ -58,36 +76,71 @@ async fn deliver(
     let batch: BatchIn = serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_json", &e.to_string()))?;
     let chat = &state.chat;
+    let server = &chat.server;
     let n = batch.messages.len();
     chat.metrics.peer_received.inc_by(n as u64);
     log::trace!(
-        "{n} messages and {} presence events from {}",
+        "{n} messages, {} presence and {} membership events from {}",
         batch.presence.len(),
+        batch.membership.len(),
         batch.from
     );
-    // Membership first: a message to a room just joined elsewhere may be in this batch.
     for m in batch.membership {
-        if let Err(e) = chat.apply_membership(&m.uid, &m.room, m.joined).await {
-            log::warn!(
-                "membership of {} in {} from {} not applied: {e}",
-                m.uid,
-                m.room,
-                batch.from
-            );
+        let recorded = server
+            .send(Membership {
+                uid: m.uid,
+                room: m.room,
+                joined: m.joined,
+                members: m.members,
+                by: m.by,
+                origin: None,
+            })
+            .await
+            .map_err(|_| stopped())?;
+        if let Some(recorded) = recorded {
+            // The sender waits for this answer before it confirms the change, so the
+            // directory must route (or stop routing) the room here first.
+            let wait = chat.timeout.min(Duration::from_secs(5));
+            if !matches!(tokio::time::timeout(wait, recorded).await, Ok(Ok(true))) {
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "the directory did not record a membership change",
+                ));
+            }
         }
     }
-    for message in batch.messages {
-        chat.server.do_send(Fanout {
-            message: Arc::new(message),
-            exclude: None,
-        });
+    if n > 0 {
+        server
+            .send(FanoutBatch {
+                messages: batch.messages,
+            })
+            .await
+            .map_err(|_| stopped())?;
     }
     for p in batch.presence {
-        chat.server.do_send(RoomPresence {
-            room: p.room,
-            uid: p.uid,
-            online: p.online,
-        });
+        server
+            .send(Presence {
+                uid: p.uid,
+                online: p.online,
+                rooms: p.rooms,
+            })
+            .await
+            .map_err(|_| stopped())?;
+    }
+    let scope = if batch.lost_all {
+        Some(ResyncScope::All)
+    } else if !batch.lost.is_empty() {
+        Some(ResyncScope::Convs(batch.lost))
+    } else {
+        None
+    };
+    if let Some(scope) = scope {
+        log::warn!(
+            "peer {} dropped messages for this node ({scope:?}); resyncing those connections",
+            batch.from
+        );
+        server.send(Resync { scope }).await.map_err(|_| stopped())?;
     }
     Ok(HttpResponse::Ok().json(serde_json::json!({ "delivered": n })))
 }

@@ -1,15 +1,24 @@
-//! The message store: one interface, two implementations.
+//! The store of record: messages, each conversation's seq counter, rooms with their
+//! owners, members and bans, read and delivered marks, idempotency records and the
+//! epoch. Everything a client was told is stored lives here; Redis (cluster mode) holds
+//! only what can be rebuilt.
 //!
-//! - [`memory::MemoryStore`]: embedded, for a single node (no `--redis-url`).
-//! - [`redis::RedisStore`]: shared by every node of a cluster.
+//! One interface, [`Store`], three implementations that pass one conformance suite
+//! ([`conformance`]):
 //!
-//! Both pass the same [`conformance`] suite. [`Timed`] wraps either one so that no call
-//! can hang: a call that does not finish in time fails with [`StoreError::Timeout`], which
-//! the sender sees as `unavailable`.
+//! - [`memory::MemoryStore`] (`memory:`): a throwaway store for demos and tests;
+//! - [`sql::SqliteStore`] (`sqlite://PATH`): embedded, one node, durable;
+//! - [`sql::PgStore`] (`postgres://...`): shared by every node of a cluster.
+//!
+//! The rules that decide whether a write is allowed (membership, authorship, bans,
+//! limits) are plain functions in [`rules`], so every implementation decides the same
+//! way; an implementation only loads the state the rules look at and writes what they
+//! decided, in one transaction.
 
 pub mod conformance;
 pub mod memory;
-pub mod redis;
+pub mod rules;
+pub mod sql;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,66 +27,215 @@ use async_trait::async_trait;
 
 use crate::protocol::Message;
 
-/// A message to store. `id` and `ts` are chosen by the caller; `seq` by the store.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NewMessage {
-    pub conv: String,
-    pub from: String,
-    pub to: Option<String>,
-    pub room: Option<String>,
-    pub body: String,
-    /// With a client id, the store keeps the message's identity for the idempotency
-    /// window and answers a resend with the first message instead of storing it again.
-    pub client_id: Option<String>,
-    pub id: String,
-    pub ts: u64,
-    /// For room messages from users: refuse unless `from` is a member of `room`,
-    /// checked in the same atomic step as the append.
-    pub require_member: bool,
+/// Why a store call failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The rules refuse the request; nothing was written.
+    #[error("{0}")]
+    Refused(#[from] Refusal),
+    /// The store could not be reached or did not answer; the write may or may not have
+    /// happened (a retry with the same client id finds out).
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("store call timed out after {0:?}")]
+    Timeout(Duration),
+    /// The store holds data this program did not write.
+    #[error("store data is corrupt: {0}")]
+    Corrupt(String),
 }
 
-impl NewMessage {
-    /// The message as stored, with the seq the store gave it.
-    pub fn into_message(self, seq: u64) -> Message {
-        Message {
-            conv: self.conv,
-            seq,
-            id: self.id,
-            from: self.from,
-            to: self.to,
-            room: self.room,
-            body: self.body,
-            ts: self.ts,
+/// A request the rules refuse, with the contract's error code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("{0}")]
+    NotMember(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Limit(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Who makes a change: a user (the rules apply) or the server API (trusted: it may post
+/// to any room and moderate any message).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum By {
+    User(String),
+    Server,
+}
+
+impl By {
+    pub fn user(&self) -> Option<&str> {
+        match self {
+            By::User(u) => Some(u),
+            By::Server => None,
         }
     }
 }
 
-/// What [`Store::append`] did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Appended {
-    pub message: Message,
-    /// True when the client id was seen before: `message` is the one stored then.
-    pub duplicate: bool,
-    /// Where the store also keeps the cluster directory (Redis): the nodes holding a
-    /// connection of a recipient (or of the sender's other devices), read in the same
-    /// atomic step as the append. A connection registered after that step reads the
-    /// message through its own sync, so none falls between the two. `None` for a
-    /// store without a directory (a single node delivers locally).
-    pub nodes: Option<Vec<String>>,
+/// What an appended message does to an earlier one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    Edit(u64),
+    Delete(u64),
 }
 
-/// Which part of a conversation to read.
+/// A message to store. The store assigns its seq.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub conv: String,
+    pub from: String,
+    /// None only for a delete.
+    pub body: Option<String>,
+    pub change: Option<Change>,
+    pub client_id: Option<String>,
+    pub id: String,
+    pub ts: u64,
+    /// `By::Server` posts without membership and deletes as a moderator.
+    pub by: By,
+}
+
+impl NewMessage {
+    /// The stored message, once it has a seq.
+    pub fn into_message(self, seq: u64) -> Message {
+        let mut m = Message::new(&self.conv, seq, self.id, &self.from, self.body, self.ts);
+        match self.change {
+            Some(Change::Edit(t)) => m.edit = Some(t),
+            Some(Change::Delete(t)) => m.delete = Some(t),
+            None => {}
+        }
+        m
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Appended {
+    pub message: Message,
+    /// A resend of a client id stored earlier: `message` is the first one.
+    pub duplicate: bool,
+}
+
+/// A member's standing in a room (or a participant of a DM).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Owner,
+    Member,
+    /// A participant of a one-to-one conversation.
+    Dm,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Owner => "owner",
+            Role::Member => "member",
+            Role::Dm => "dm",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "owner" => Some(Role::Owner),
+            "member" => Some(Role::Member),
+            "dm" => Some(Role::Dm),
+            _ => None,
+        }
+    }
+}
+
+/// Who may create rooms (contract section 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoomCreation {
+    /// Any user, by `join` or `create`.
+    Open,
+    /// Only the server API.
+    Api,
+}
+
+/// What `join` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Joined {
+    /// The user was not a member before.
+    pub changed: bool,
+    /// The room did not exist and was created (public, the joiner its owner).
+    pub created: bool,
+    pub role: Role,
+    pub private: bool,
+    /// Members after the join.
+    pub members: u64,
+}
+
+/// A room to create.
+#[derive(Debug, Clone, Default)]
+pub struct NewRoom {
+    pub room: String,
+    pub private: bool,
+    pub owners: Vec<String>,
+    pub members: Vec<String>,
+}
+
+/// `room_info`: the room, its owners and (up to a bound) its members.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RoomInfo {
+    pub room: String,
+    pub private: bool,
+    pub owners: Vec<String>,
+    /// Sorted; at most the bound the caller asked for.
+    pub members: Vec<String>,
+    /// Exact number of members.
+    pub count: u64,
+}
+
+/// What `add` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Added {
+    /// The user was not a member (or had another role) before.
+    pub changed: bool,
+    pub role: Role,
+    pub members: u64,
+}
+
+/// What `remove` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Removed {
+    /// The user was a member.
+    pub changed: bool,
+    pub members: u64,
+}
+
+/// One room of a user, with its size (live events go only to rooms up to a size).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserRoom {
+    pub room: String,
+    pub members: u64,
+}
+
+/// One conversation of a user, as `sync` needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConvState {
+    pub conv: String,
+    /// seq of its newest message (0: none yet).
+    pub last_seq: u64,
+    pub read: u64,
+    pub delivered: u64,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Range {
-    /// Messages with `seq > after`, oldest first, at most `limit`; `more` says whether
-    /// there were more than `limit`.
+    /// Messages with seq > `after`, oldest first, at most `limit`.
     After { after: u64, limit: usize },
-    /// The newest messages with `seq < before` (all when `None`), at most `limit`,
-    /// oldest first; `more` says whether older ones are kept.
+    /// Messages with seq < `before` (the newest if None), at most `limit`, oldest first.
     Before { before: Option<u64>, limit: usize },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct ReadRequest {
     pub conv: String,
     pub range: Range,
@@ -87,107 +245,205 @@ pub struct ReadRequest {
 pub struct Page {
     pub conv: String,
     pub messages: Vec<Message>,
+    /// `After`: newer messages than the page exist. `Before`: older ones are kept.
     pub more: bool,
 }
 
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum StoreError {
-    #[error("{uid} is not a member of room {room}")]
-    NotMember { uid: String, room: String },
-    #[error("store did not answer within {0:?}")]
-    Timeout(Duration),
-    #[error("store unavailable: {0}")]
-    Unavailable(String),
-    #[error("store returned data it should not hold: {0}")]
-    Corrupt(String),
+/// Read and delivered marks (contract section 8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MarkKind {
+    Read,
+    Delivered,
 }
 
+impl MarkKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MarkKind::Read => "read",
+            MarkKind::Delivered => "delivered",
+        }
+    }
+}
+
+/// One participant's marks in a conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    pub uid: String,
+    pub read: u64,
+    pub delivered: u64,
+}
+
+/// One conversation in a user's inbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboxEntry {
+    pub conv: String,
+    /// The newest message, if any.
+    pub last: Option<Message>,
+    pub read: u64,
+    /// Messages from others above `read`, not counting edit and delete events or
+    /// deleted messages.
+    pub unread: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inbox {
+    pub conversations: Vec<InboxEntry>,
+    pub more: bool,
+}
+
+/// What one upkeep pass removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Purged {
+    pub messages: u64,
+    pub idempotency: u64,
+}
+
+/// Rules and bounds every implementation enforces in the same step as the write.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreLimits {
+    /// How long a client id is remembered.
+    pub idempotency_ttl: Duration,
+    /// Messages older than this are purged (None: kept forever).
+    pub retention: Option<Duration>,
+    /// Rooms one user may belong to.
+    pub rooms_per_user: usize,
+    pub room_creation: RoomCreation,
+}
+
+impl Default for StoreLimits {
+    fn default() -> Self {
+        StoreLimits {
+            idempotency_ttl: Duration::from_secs(24 * 3600),
+            retention: None,
+            rooms_per_user: 1000,
+            room_creation: RoomCreation::Open,
+        }
+    }
+}
+
+/// The store of record. Every method is one transaction (or one consistent read).
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
-    /// Stores a message with the next seq of its conversation, atomically with the
-    /// membership check and the idempotency key. Records the conversation for the
-    /// participants of a DM.
+pub trait Store: Send + Sync {
+    /// The life of this database: made with it, the same across restarts.
+    fn epoch(&self) -> &str;
+
+    /// Stores a message with the next seq of its conversation, or answers the message
+    /// first stored under its client id. Refused: `NotMember` (a room message from a
+    /// non-member), `NotFound` / `Forbidden` (an edit or delete the rules refuse).
     async fn append(&self, msg: NewMessage) -> Result<Appended, StoreError>;
-    /// Makes `uid` a member of `room`; true when it was not one before.
-    async fn join(&self, uid: &str, room: &str) -> Result<bool, StoreError>;
-    /// Ends `uid`'s membership of `room`; true when it was one before.
+
+    /// Makes `uid` a member of a public room; creates a missing one (public, `uid` its
+    /// owner) when creation is open. Refused: `Forbidden` (private or banned),
+    /// `NotFound` (missing, creation by API only), `Limit` (rooms per user).
+    async fn join(&self, uid: &str, room: &str) -> Result<Joined, StoreError>;
+    /// Creates a room. `by` a user: they become its (first) owner and creation must be
+    /// open. Refused: `Conflict` (exists), `Forbidden` (creation by API only), `Limit`.
+    async fn create_room(&self, by: &By, room: NewRoom) -> Result<RoomInfo, StoreError>;
+    /// `uid` leaves `room`; false if they were not a member.
     async fn leave(&self, uid: &str, room: &str) -> Result<bool, StoreError>;
-    /// The rooms `uid` belongs to, sorted.
-    async fn rooms_of(&self, uid: &str) -> Result<Vec<String>, StoreError>;
-    async fn is_member(&self, uid: &str, room: &str) -> Result<bool, StoreError>;
-    /// Every conversation of `uid`: DMs they took part in and rooms they belong to.
-    async fn conversations_of(&self, uid: &str) -> Result<Vec<String>, StoreError>;
-    /// Reads several conversations in one go (one round trip where the store allows).
+    /// Adds `uid` to `room` with `role` (lifting a ban). Only owners (or the server).
+    async fn add_member(
+        &self,
+        by: &By,
+        room: &str,
+        uid: &str,
+        role: Role,
+    ) -> Result<Added, StoreError>;
+    /// Removes `uid` from `room`, banning them if `ban`. Only owners (or the server).
+    async fn remove_member(
+        &self,
+        by: &By,
+        room: &str,
+        uid: &str,
+        ban: bool,
+    ) -> Result<Removed, StoreError>;
+    /// The room; for a user only if they are a member (`NotMember`). At most
+    /// `max_members` members are listed.
+    async fn room_info(
+        &self,
+        asker: &By,
+        room: &str,
+        max_members: usize,
+    ) -> Result<RoomInfo, StoreError>;
+    /// The rooms `uid` belongs to, sorted, with their sizes.
+    async fn rooms_of(&self, uid: &str) -> Result<Vec<UserRoom>, StoreError>;
+    /// `uid`'s role in `room`, None if not a member.
+    async fn role(&self, uid: &str, room: &str) -> Result<Option<Role>, StoreError>;
+
+    /// Every conversation of `uid` (DMs they took part in, rooms they belong to) with
+    /// its newest seq and the user's marks, sorted by conversation id.
+    async fn conversations(&self, uid: &str) -> Result<Vec<ConvState>, StoreError>;
+    /// Reads several conversations in one go.
     async fn read(&self, requests: Vec<ReadRequest>) -> Result<Vec<Page>, StoreError>;
+    /// `uid`'s conversations, the one with the newest message first; `before` pages on
+    /// by the `ts` of the last one shown. Conversations without a message come last.
+    async fn inbox(
+        &self,
+        uid: &str,
+        limit: usize,
+        before: Option<u64>,
+    ) -> Result<Inbox, StoreError>;
+
+    /// Moves a mark forward. Answers the new value, or None when `seq` is not above
+    /// the stored one (marks never move back). Refused: `NotMember` (not a
+    /// participant), `Invalid` (above the newest message). A read mark also moves the
+    /// delivered mark.
+    async fn mark(
+        &self,
+        uid: &str,
+        conv: &str,
+        kind: MarkKind,
+        seq: u64,
+    ) -> Result<Option<u64>, StoreError>;
+    /// Every participant's marks in `conv`, sorted by uid.
+    async fn receipts(&self, conv: &str) -> Result<Vec<Receipt>, StoreError>;
+
+    /// Removes messages past the retention and expired idempotency records.
+    async fn purge(&self, now_ms: u64) -> Result<Purged, StoreError>;
     /// Cheap reachability check for `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;
 }
 
 pub type SharedStore = Arc<dyn Store>;
 
-/// Limits every store implementation honours.
-#[derive(Debug, Clone, Copy)]
-pub struct StoreLimits {
-    /// Messages kept per conversation; older ones are dropped from history.
-    pub history_per_conv: usize,
-    /// How long a client id is remembered.
-    pub idempotency_ttl: Duration,
-}
-
-impl Default for StoreLimits {
-    fn default() -> Self {
-        StoreLimits {
-            history_per_conv: 10_000,
-            idempotency_ttl: Duration::from_secs(24 * 3600),
-        }
-    }
-}
-
-/// Puts a deadline on every call of the wrapped store.
-pub struct Timed<S> {
-    inner: S,
+/// Opens the store a `--database-url` names: `memory:`, `sqlite://PATH` or
+/// `postgres://...`; runs pending migrations. `timeout` bounds connecting; callers put
+/// their own deadline on each call (an append must be able to outlive its caller, so
+/// that what the database committed is still delivered).
+pub async fn open(
+    url: &str,
+    limits: StoreLimits,
     timeout: Duration,
+) -> Result<SharedStore, StoreError> {
+    let store: SharedStore = match url_kind(url) {
+        Some(UrlKind::Memory) => Arc::new(memory::MemoryStore::new(limits)),
+        Some(UrlKind::Sqlite) => Arc::new(sql::SqliteStore::open(url, limits, timeout).await?),
+        Some(UrlKind::Postgres) => Arc::new(sql::PgStore::connect(url, limits, timeout).await?),
+        None => {
+            return Err(StoreError::Unavailable(format!(
+                "unknown database URL {url:?}: use sqlite://PATH, postgres://... or memory:"
+            )))
+        }
+    };
+    Ok(store)
 }
 
-impl<S: Store> Timed<S> {
-    pub fn new(inner: S, timeout: Duration) -> Self {
-        Timed { inner, timeout }
-    }
-
-    async fn within<T>(
-        &self,
-        fut: impl std::future::Future<Output = Result<T, StoreError>>,
-    ) -> Result<T, StoreError> {
-        tokio::time::timeout(self.timeout, fut)
-            .await
-            .unwrap_or(Err(StoreError::Timeout(self.timeout)))
-    }
+/// The kinds of database URL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UrlKind {
+    Memory,
+    Sqlite,
+    Postgres,
 }
 
-#[async_trait]
-impl<S: Store> Store for Timed<S> {
-    async fn append(&self, msg: NewMessage) -> Result<Appended, StoreError> {
-        self.within(self.inner.append(msg)).await
-    }
-    async fn join(&self, uid: &str, room: &str) -> Result<bool, StoreError> {
-        self.within(self.inner.join(uid, room)).await
-    }
-    async fn leave(&self, uid: &str, room: &str) -> Result<bool, StoreError> {
-        self.within(self.inner.leave(uid, room)).await
-    }
-    async fn rooms_of(&self, uid: &str) -> Result<Vec<String>, StoreError> {
-        self.within(self.inner.rooms_of(uid)).await
-    }
-    async fn is_member(&self, uid: &str, room: &str) -> Result<bool, StoreError> {
-        self.within(self.inner.is_member(uid, room)).await
-    }
-    async fn conversations_of(&self, uid: &str) -> Result<Vec<String>, StoreError> {
-        self.within(self.inner.conversations_of(uid)).await
-    }
-    async fn read(&self, requests: Vec<ReadRequest>) -> Result<Vec<Page>, StoreError> {
-        self.within(self.inner.read(requests)).await
-    }
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.within(self.inner.ping()).await
+pub fn url_kind(url: &str) -> Option<UrlKind> {
+    if url == "memory:" {
+        Some(UrlKind::Memory)
+    } else if url.starts_with("sqlite:") {
+        Some(UrlKind::Sqlite)
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Some(UrlKind::Postgres)
+    } else {
+        None
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod browser;
 pub mod nginx;
+pub mod postgres;
 pub mod redis;
 
 use std::net::TcpListener;
@@ -23,10 +24,11 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 /// How long any single expected event may take before a test fails.
 pub const WAIT: Duration = Duration::from_secs(10);
 
-/// Settings for a test node: small, fast timings, one worker.
+/// Settings for a test node: the memory store, one worker.
 pub fn settings() -> Settings {
     Settings {
         workers: 1,
+        database_url: "memory:".into(),
         ..Settings::default()
     }
 }
@@ -354,6 +356,41 @@ impl Client {
         c
     }
 
+    /// Writes raw bytes to the TCP stream under the websocket (to send what a
+    /// well-behaved client library would not: bad headers, bad UTF-8).
+    pub async fn write_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match self.ws.get_mut() {
+            MaybeTlsStream::Plain(s) => tokio::time::timeout(WAIT, s.write_all(bytes))
+                .await
+                .map_err(|_| std::io::Error::other("write timed out"))?,
+            _ => unreachable!("tests use plain TCP"),
+        }
+    }
+
+    /// The kernel's TCP state of this connection (1 = ESTABLISHED, 7 = CLOSE after a
+    /// reset, 8 = CLOSE_WAIT after the server's FIN).
+    pub fn tcp_state(&self) -> u8 {
+        use std::os::fd::AsRawFd;
+        let fd = match self.ws.get_ref() {
+            MaybeTlsStream::Plain(s) => s.as_raw_fd(),
+            _ => unreachable!("tests use plain TCP"),
+        };
+        // SAFETY: tcp_info is plain data; getsockopt writes at most `len` bytes into it.
+        unsafe {
+            let mut info: libc::tcp_info = std::mem::zeroed();
+            let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+            let r = libc::getsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                &mut info as *mut libc::tcp_info as *mut libc::c_void,
+                &mut len,
+            );
+            assert_eq!(r, 0, "getsockopt(TCP_INFO)");
+            info.tcpi_state
+        }
+    }
+
     pub async fn try_send_text(&mut self, text: &str) -> Result<(), String> {
         match tokio::time::timeout(WAIT, self.ws.send(Message::text(text))).await {
             Ok(Ok(())) => Ok(()),
@@ -379,6 +416,14 @@ impl Client {
             .await
             .expect("send timed out")
             .expect("send");
+    }
+
+    /// Sends a frame; an error (the server closed the connection) is returned.
+    pub async fn try_send_raw(&mut self, m: Message) -> Result<(), String> {
+        match tokio::time::timeout(WAIT, self.ws.send(m)).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err("send timed out".into()),
+        }
     }
 
     pub async fn send_raw(&mut self, m: Message) {
@@ -515,10 +560,12 @@ pub async fn eventually<F: FnMut() -> bool>(what: &str, mut cond: F) {
     }
 }
 
-/// Settings for a cluster node on `redis_url`, with fast heartbeats.
-pub fn cluster_settings(redis_url: &str, node_id: &str) -> Settings {
+/// Settings for a cluster node on `redis_url` and PostgreSQL `database_url`, with fast
+/// heartbeats.
+pub fn cluster_settings(redis_url: &str, database_url: &str, node_id: &str) -> Settings {
     let mut s = settings();
     s.redis_url = Some(redis_url.to_owned());
+    s.database_url = database_url.to_owned();
     s.cluster_secret = Some("test-cluster-secret".into());
     s.node_id = node_id.to_owned();
     s.heartbeat = Duration::from_millis(100);
@@ -609,7 +656,8 @@ impl LoggedProcess {
     }
 }
 
-/// A node running as its own `chatmesh` process, for tests that must kill it.
+/// A node running as its own `chatmesh` process, for tests that must kill it or
+/// measure it.
 pub struct ProcessNode {
     pub base: String,
     pub ws: String,
@@ -618,12 +666,47 @@ pub struct ProcessNode {
 }
 
 impl ProcessNode {
+    /// A single node on `database_url`, with `args` added.
+    pub fn single(database_url: &str, args: &[&str]) -> ProcessNode {
+        let mut proc = LoggedProcess::spawn(
+            chatmesh_on_port_0()
+                .args(["--database-url", database_url, "--workers", "1"])
+                .args(args)
+                .env("RUST_LOG", "warn,chatmesh=info"),
+        );
+        let addr = proc.public_address();
+        let node = ProcessNode {
+            base: format!("http://{addr}"),
+            ws: format!("ws://{addr}/ws"),
+            node_id: "single".into(),
+            child: proc.child,
+        };
+        wait_ready(&node.base, "single", || false);
+        node
+    }
+
+    /// Resident memory of the process, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("read /proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Starts the binary on port 0 for both listeners and learns its address from its
     /// `listening on` log line, so no other test can take the port in between.
-    pub fn start(redis_url: &str, node_id: &str) -> ProcessNode {
+    pub fn start(redis_url: &str, database_url: &str, node_id: &str) -> ProcessNode {
         let mut proc = LoggedProcess::spawn(
             chatmesh_on_port_0()
                 .args(["--redis-url", redis_url])
+                .args(["--database-url", database_url])
                 .args(["--cluster-secret", "test-cluster-secret"])
                 .args(["--node-id", node_id])
                 .args([
@@ -669,5 +752,36 @@ impl ProcessNode {
 impl Drop for ProcessNode {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// What a cluster test runs on: a private redis-server and a fresh database on the
+/// binary's PostgreSQL.
+pub struct ClusterEnv {
+    pub redis: redis::RedisServer,
+    pub db: String,
+}
+
+impl ClusterEnv {
+    pub fn start() -> ClusterEnv {
+        ClusterEnv {
+            redis: redis::RedisServer::start(),
+            db: postgres::PgServer::shared().fresh_database(),
+        }
+    }
+
+    /// Settings of node `id` of this cluster.
+    pub fn settings(&self, id: &str) -> Settings {
+        cluster_settings(&self.redis.url, &self.db, id)
+    }
+
+    /// Node `id` in this process.
+    pub fn node(&self, id: &str) -> TestNode {
+        TestNode::start(self.settings(id))
+    }
+
+    /// Node `id` as its own process.
+    pub fn process(&self, id: &str) -> ProcessNode {
+        ProcessNode::start(&self.redis.url, &self.db, id)
     }
 }

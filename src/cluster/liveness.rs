@@ -1,0 +1,142 @@
+//! Which nodes are alive, as this node's heartbeats see them. Plain data, so the rules
+//! are unit-tested; the ClusterBridge actor does the I/O.
+//!
+//! Besides the table of live peers, it tells the bridge when this node cannot vouch for
+//! its connections any more: when Redis had lost this node's registry entry (Redis lost
+//! its data, or the others declared this node dead and removed its directory entries),
+//! and when heartbeats failed for a while (the node was cut off: peers could not look
+//! it up, and it could not record its own changes). Either way the node writes its
+//! directory entries again and tells every connection to sync.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use super::directory::Heartbeat;
+
+/// The live table, shared with the [`super::Cluster`] handle: node id -> peer API URL.
+pub type LiveTable = Arc<RwLock<HashMap<String, String>>>;
+
+/// What a heartbeat changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct BeatOutcome {
+    /// Write this node's directory entries again and tell every connection to sync.
+    pub rejoin: bool,
+    /// Peers that were live and are not any more: their queues are given up.
+    pub gone: Vec<String>,
+    /// Nodes past the TTL, whose entries someone must remove.
+    pub dead: Vec<String>,
+}
+
+pub struct Liveness {
+    me: String,
+    live: LiveTable,
+    /// When heartbeats started failing, if they are failing.
+    failing_since: Option<Instant>,
+    /// Failures shorter than this are forgiven (one slow beat).
+    tolerance: Duration,
+}
+
+impl Liveness {
+    pub fn new(me: String, live: LiveTable, heartbeat: Duration) -> Self {
+        Liveness {
+            me,
+            live,
+            failing_since: None,
+            tolerance: heartbeat,
+        }
+    }
+
+    /// A heartbeat answered.
+    pub fn beat(&mut self, hb: Heartbeat, now: Instant) -> BeatOutcome {
+        let cut_off = self
+            .failing_since
+            .take()
+            .is_some_and(|since| now.duration_since(since) > self.tolerance);
+        let new: HashMap<String, String> = hb.live.into_iter().collect();
+        let mut gone = Vec::new();
+        if let Ok(mut live) = self.live.write() {
+            gone = live
+                .keys()
+                .filter(|id| !new.contains_key(*id) && **id != self.me)
+                .cloned()
+                .collect();
+            *live = new;
+        }
+        BeatOutcome {
+            rejoin: hb.was_missing || cut_off,
+            gone,
+            dead: hb.dead.into_iter().filter(|d| *d != self.me).collect(),
+        }
+    }
+
+    /// A heartbeat failed.
+    pub fn failed(&mut self, now: Instant) {
+        self.failing_since.get_or_insert(now);
+    }
+
+    pub fn url(&self, node: &str) -> Option<String> {
+        self.live.read().ok()?.get(node).cloned()
+    }
+
+    pub fn is_live(&self, node: &str) -> bool {
+        self.live.read().is_ok_and(|l| l.contains_key(node))
+    }
+
+    /// Every live node but this one.
+    pub fn peers(&self) -> Vec<String> {
+        self.live
+            .read()
+            .map(|l| l.keys().filter(|id| **id != self.me).cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hb(live: &[&str], dead: &[&str], missing: bool) -> Heartbeat {
+        Heartbeat {
+            was_missing: missing,
+            live: live
+                .iter()
+                .map(|id| (id.to_string(), format!("http://{id}")))
+                .collect(),
+            dead: dead.iter().map(|d| d.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn tracks_peers_and_who_left() {
+        let mut l = Liveness::new("me".into(), LiveTable::default(), Duration::from_secs(1));
+        let now = Instant::now();
+        let o = l.beat(hb(&["me", "a", "b"], &[], true), now);
+        assert!(o.rejoin, "the first beat writes the entries");
+        let mut peers = l.peers();
+        peers.sort();
+        assert_eq!(peers, vec!["a", "b"]);
+        assert_eq!(l.url("a").as_deref(), Some("http://a"));
+        let o = l.beat(hb(&["me", "a"], &["b"], false), now);
+        assert!(!o.rejoin);
+        assert_eq!(o.gone, vec!["b"]);
+        assert_eq!(o.dead, vec!["b"]);
+        assert!(!l.is_live("b"));
+    }
+
+    #[test]
+    fn a_long_cut_off_means_rejoin_a_short_one_does_not() {
+        let mut l = Liveness::new("me".into(), LiveTable::default(), Duration::from_secs(1));
+        let t0 = Instant::now();
+        l.beat(hb(&["me"], &[], true), t0);
+        l.failed(t0);
+        let o = l.beat(hb(&["me"], &[], false), t0 + Duration::from_millis(500));
+        assert!(!o.rejoin, "one slow beat is forgiven");
+        l.failed(t0);
+        l.failed(t0 + Duration::from_secs(1));
+        let o = l.beat(hb(&["me"], &[], false), t0 + Duration::from_secs(3));
+        assert!(o.rejoin);
+        let o = l.beat(hb(&["me"], &[], false), t0 + Duration::from_secs(4));
+        assert!(!o.rejoin);
+    }
+}

@@ -1,0 +1,458 @@
+//! PostgreSQL: the store of record shared by every node of a cluster.
+//!
+//! Every node has its own writer, so here the rows a transaction depends on are locked:
+//! the conversations' counter rows (`FOR UPDATE`, sorted), then the senders' member
+//! rows (`FOR UPDATE`, sorted: a concurrent removal waits, and a sender's marks are
+//! written without deadlocking with the marks transaction, which locks in the same
+//! order). Batches are written with arrays (`unnest`), so an append batch costs a fixed
+//! number of round trips whatever its size.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::Row;
+
+use super::{
+    dialect, pool_timeout, role_from, AppendWrites, Conn, MessageRow, SqlResult, SqlStore,
+    MESSAGE_COLUMNS,
+};
+use crate::protocol::{room_conv, Message};
+use crate::store::rules::{RoomView, Target, UserView};
+use crate::store::{
+    ConvState, Inbox, InboxEntry, Page, Purged, Range, ReadRequest, Receipt, Role, RoomInfo,
+    StoreError, StoreLimits, UserRoom,
+};
+
+/// Reader connections per node.
+const READERS: u32 = 4;
+
+pub struct PgDialect;
+
+/// The PostgreSQL store.
+pub type PgStore = SqlStore<PgDialect>;
+
+impl SqlStore<PgDialect> {
+    /// Connects to a `postgres://` URL and brings the schema up to date (nodes starting
+    /// together take turns: sqlx holds an advisory lock while it migrates).
+    pub async fn connect(
+        url: &str,
+        limits: StoreLimits,
+        timeout: Duration,
+    ) -> Result<Self, StoreError> {
+        let options = PgConnectOptions::from_str(url)
+            .map_err(|e| StoreError::Unavailable(format!("bad database URL: {e}")))?;
+        let write = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(pool_timeout(timeout))
+            .connect_with(options.clone())
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("cannot connect to PostgreSQL: {e}")))?;
+        sqlx::migrate!("migrations/postgres")
+            .run(&write)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("cannot migrate PostgreSQL: {e}")))?;
+        let read = PgPoolOptions::new()
+            .max_connections(READERS)
+            .acquire_timeout(pool_timeout(timeout))
+            .connect_lazy_with(options);
+        SqlStore::start(read, write, limits).await
+    }
+}
+
+/// A message from columns `at..at + 10` of a row (see [`MESSAGE_COLUMNS`]).
+fn message_at(row: &PgRow, at: usize) -> SqlResult<Message> {
+    Ok(MessageRow {
+        conv: row.try_get(at)?,
+        seq: row.try_get(at + 1)?,
+        id: row.try_get(at + 2)?,
+        sender: row.try_get(at + 3)?,
+        body: row.try_get(at + 4)?,
+        ts: row.try_get(at + 5)?,
+        edit_of: row.try_get(at + 6)?,
+        delete_of: row.try_get(at + 7)?,
+        edited: row.try_get(at + 8)?,
+        deleted: row.try_get(at + 9)?,
+    }
+    .into_message())
+}
+
+fn prefixed(prefix: &str) -> String {
+    MESSAGE_COLUMNS
+        .split(", ")
+        .map(|col| format!("{prefix}.{col}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn i64s(v: impl IntoIterator<Item = u64>) -> Vec<i64> {
+    v.into_iter().map(|x| x as i64).collect()
+}
+
+dialect!(PgDialect, sqlx::Postgres, " FOR UPDATE", {
+    async fn find_idempotent(
+        c: &mut Conn<Self>,
+        keys: &[(String, String)],
+        now: u64,
+    ) -> SqlResult<HashMap<(String, String), Message>> {
+        if keys.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let sql = format!(
+            "SELECT {}, i.sender, i.client_id \
+             FROM unnest($1::text[], $2::text[]) AS k(sender, client_id) \
+             JOIN idempotency i ON i.sender = k.sender AND i.client_id = k.client_id \
+             JOIN messages m ON m.conv = i.conv AND m.seq = i.seq \
+             WHERE i.expires > $3",
+            prefixed("m")
+        );
+        let rows = sqlx::query(&sql)
+            .bind(keys.iter().map(|k| k.0.clone()).collect::<Vec<_>>())
+            .bind(keys.iter().map(|k| k.1.clone()).collect::<Vec<_>>())
+            .bind(now as i64)
+            .fetch_all(&mut *c)
+            .await?;
+        let mut found = HashMap::new();
+        for row in rows {
+            found.insert((row.try_get(10)?, row.try_get(11)?), message_at(&row, 0)?);
+        }
+        Ok(found)
+    }
+
+    async fn lock_convs(c: &mut Conn<Self>, convs: &[String]) -> SqlResult<HashMap<String, u64>> {
+        // Rows first (a first message on two nodes at once: one inserts, the other
+        // waits for it and does nothing), then the locks, in sorted order.
+        sqlx::query(
+            "INSERT INTO conversations (conv) SELECT c FROM unnest($1::text[]) AS t(c) \
+             ORDER BY c ON CONFLICT (conv) DO NOTHING",
+        )
+        .bind(convs)
+        .execute(&mut *c)
+        .await?;
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT conv, last_seq FROM conversations WHERE conv = ANY($1) \
+             ORDER BY conv FOR UPDATE",
+        )
+        .bind(convs)
+        .fetch_all(&mut *c)
+        .await?;
+        Ok(rows.into_iter().map(|(c, s)| (c, s as u64)).collect())
+    }
+
+    async fn roles(
+        c: &mut Conn<Self>,
+        pairs: &[(String, String)],
+    ) -> SqlResult<HashMap<(String, String), Role>> {
+        if pairs.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let rows: Vec<(String, String, String)> = sqlx::query_as(
+            "SELECT m.conv, m.uid, m.role FROM members m \
+             JOIN unnest($1::text[], $2::text[]) AS p(conv, uid) \
+             ON m.conv = p.conv AND m.uid = p.uid \
+             ORDER BY m.conv, m.uid FOR UPDATE OF m",
+        )
+        .bind(pairs.iter().map(|p| p.0.clone()).collect::<Vec<_>>())
+        .bind(pairs.iter().map(|p| p.1.clone()).collect::<Vec<_>>())
+        .fetch_all(&mut *c)
+        .await?;
+        rows.into_iter()
+            .map(|(conv, uid, role)| Ok(((conv, uid), role_from(&role)?)))
+            .collect()
+    }
+
+    async fn targets(
+        c: &mut Conn<Self>,
+        pairs: &[(String, u64)],
+    ) -> SqlResult<HashMap<(String, u64), Target>> {
+        if pairs.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let rows: Vec<(String, i64, String, bool, bool)> = sqlx::query_as(
+            "SELECT m.conv, m.seq, m.sender, m.deleted, \
+             (m.edit_of IS NOT NULL OR m.delete_of IS NOT NULL) FROM messages m \
+             JOIN unnest($1::text[], $2::bigint[]) AS t(conv, seq) \
+             ON m.conv = t.conv AND m.seq = t.seq",
+        )
+        .bind(pairs.iter().map(|p| p.0.clone()).collect::<Vec<_>>())
+        .bind(i64s(pairs.iter().map(|p| p.1)))
+        .fetch_all(&mut *c)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(conv, seq, from, deleted, is_event)| {
+                (
+                    (conv, seq as u64),
+                    Target {
+                        from,
+                        deleted,
+                        is_event,
+                    },
+                )
+            })
+            .collect())
+    }
+
+    async fn write_appends(c: &mut Conn<Self>, w: &AppendWrites, now: u64) -> SqlResult<bool> {
+        if !w.messages.is_empty() {
+            let m = &w.messages;
+            sqlx::query(
+                "INSERT INTO messages (conv, seq, id, sender, body, ts, edit_of, delete_of) \
+                 SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], \
+                 $5::text[], $6::bigint[], $7::bigint[], $8::bigint[])",
+            )
+            .bind(m.iter().map(|m| m.conv.clone()).collect::<Vec<_>>())
+            .bind(i64s(m.iter().map(|m| m.seq)))
+            .bind(m.iter().map(|m| m.id.clone()).collect::<Vec<_>>())
+            .bind(m.iter().map(|m| m.from.clone()).collect::<Vec<_>>())
+            .bind(m.iter().map(|m| m.body.clone()).collect::<Vec<_>>())
+            .bind(i64s(m.iter().map(|m| m.ts)))
+            .bind(
+                m.iter()
+                    .map(|m| m.edit.map(|s| s as i64))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                m.iter()
+                    .map(|m| m.delete.map(|s| s as i64))
+                    .collect::<Vec<_>>(),
+            )
+            .execute(&mut *c)
+            .await?;
+        }
+        if !w.last.is_empty() {
+            sqlx::query(
+                "UPDATE conversations c SET last_seq = v.seq, last_ts = v.ts \
+                 FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS v(conv, seq, ts) \
+                 WHERE c.conv = v.conv",
+            )
+            .bind(w.last.keys().cloned().collect::<Vec<_>>())
+            .bind(i64s(w.last.values().map(|v| v.0)))
+            .bind(i64s(w.last.values().map(|v| v.1)))
+            .execute(&mut *c)
+            .await?;
+        }
+        if !w.dm_members.is_empty() {
+            sqlx::query(
+                "INSERT INTO members (conv, uid, role) \
+                 SELECT c, u, 'dm' FROM unnest($1::text[], $2::text[]) AS t(c, u) \
+                 ORDER BY c, u ON CONFLICT (conv, uid) DO NOTHING",
+            )
+            .bind(w.dm_members.iter().map(|p| p.0.clone()).collect::<Vec<_>>())
+            .bind(w.dm_members.iter().map(|p| p.1.clone()).collect::<Vec<_>>())
+            .execute(&mut *c)
+            .await?;
+        }
+        if !w.sender_marks.is_empty() {
+            sqlx::query(
+                "UPDATE members m SET read_seq = GREATEST(m.read_seq, v.seq), \
+                 delivered_seq = GREATEST(m.delivered_seq, v.seq) \
+                 FROM unnest($1::text[], $2::text[], $3::bigint[]) AS v(conv, uid, seq) \
+                 WHERE m.conv = v.conv AND m.uid = v.uid",
+            )
+            .bind(
+                w.sender_marks
+                    .keys()
+                    .map(|k| k.0.clone())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                w.sender_marks
+                    .keys()
+                    .map(|k| k.1.clone())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(i64s(w.sender_marks.values().copied()))
+            .execute(&mut *c)
+            .await?;
+        }
+        if !w.edits.is_empty() {
+            sqlx::query(
+                "UPDATE messages m SET body = v.body, edited = TRUE \
+                 FROM unnest($1::text[], $2::bigint[], $3::text[]) AS v(conv, seq, body) \
+                 WHERE m.conv = v.conv AND m.seq = v.seq",
+            )
+            .bind(w.edits.keys().map(|k| k.0.clone()).collect::<Vec<_>>())
+            .bind(i64s(w.edits.keys().map(|k| k.1)))
+            .bind(w.edits.values().cloned().collect::<Vec<_>>())
+            .execute(&mut *c)
+            .await?;
+        }
+        if !w.deletes.is_empty() {
+            let convs: Vec<String> = w.deletes.iter().map(|d| d.0.clone()).collect();
+            let seqs = i64s(w.deletes.iter().map(|d| d.1));
+            sqlx::query(
+                "UPDATE messages m SET body = NULL, deleted = TRUE \
+                 FROM unnest($1::text[], $2::bigint[]) AS v(conv, seq) \
+                 WHERE m.conv = v.conv AND m.seq = v.seq",
+            )
+            .bind(&convs)
+            .bind(&seqs)
+            .execute(&mut *c)
+            .await?;
+            sqlx::query(
+                "UPDATE messages m SET body = NULL \
+                 FROM unnest($1::text[], $2::bigint[]) AS v(conv, seq) \
+                 WHERE m.conv = v.conv AND m.edit_of = v.seq",
+            )
+            .bind(&convs)
+            .bind(&seqs)
+            .execute(&mut *c)
+            .await?;
+        }
+        if !w.idempotency.is_empty() {
+            let i = &w.idempotency;
+            let done = sqlx::query(
+                "INSERT INTO idempotency (sender, client_id, conv, seq, expires) \
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], \
+                 $5::bigint[]) \
+                 ON CONFLICT (sender, client_id) DO UPDATE SET conv = excluded.conv, \
+                 seq = excluded.seq, expires = excluded.expires \
+                 WHERE idempotency.expires <= $6",
+            )
+            .bind(i.iter().map(|r| r.0.clone()).collect::<Vec<_>>())
+            .bind(i.iter().map(|r| r.1.clone()).collect::<Vec<_>>())
+            .bind(i.iter().map(|r| r.2.clone()).collect::<Vec<_>>())
+            .bind(i64s(i.iter().map(|r| r.3)))
+            .bind(i64s(i.iter().map(|r| r.4)))
+            .bind(now as i64)
+            .execute(&mut *c)
+            .await?;
+            if done.rows_affected() != i.len() as u64 {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    async fn read_pages(c: &mut Conn<Self>, requests: Vec<ReadRequest>) -> SqlResult<Vec<Page>> {
+        // One query for the "after" requests and one for the "before" ones, each
+        // reading every conversation's page through the primary key.
+        let mut pages: Vec<Page> = requests
+            .iter()
+            .map(|r| Page {
+                conv: r.conv.clone(),
+                messages: Vec::new(),
+                more: false,
+            })
+            .collect();
+        for after in [true, false] {
+            let mut idx = Vec::new();
+            let mut convs = Vec::new();
+            let mut bounds = Vec::new();
+            let mut limits = Vec::new();
+            for (i, r) in requests.iter().enumerate() {
+                match (after, r.range) {
+                    (true, Range::After { after, limit }) => {
+                        idx.push(i as i64);
+                        convs.push(r.conv.clone());
+                        bounds.push(after.min(i64::MAX as u64) as i64);
+                        limits.push(limit as i64 + 1);
+                    }
+                    (false, Range::Before { before, limit }) => {
+                        idx.push(i as i64);
+                        convs.push(r.conv.clone());
+                        bounds.push(before.map_or(i64::MAX, |b| b.min(i64::MAX as u64) as i64));
+                        limits.push(limit as i64 + 1);
+                    }
+                    _ => {}
+                }
+            }
+            if idx.is_empty() {
+                continue;
+            }
+            let (cmp, order) = if after { (">", "") } else { ("<", " DESC") };
+            let sql = format!(
+                "SELECT r.i, {cols} FROM unnest($1::bigint[], $2::text[], $3::bigint[], \
+                 $4::bigint[]) AS r(i, conv, bound, lim) CROSS JOIN LATERAL \
+                 (SELECT {MESSAGE_COLUMNS} FROM messages WHERE conv = r.conv AND seq {cmp} r.bound \
+                 ORDER BY seq{order} LIMIT r.lim) m ORDER BY r.i, m.seq",
+                cols = prefixed("m"),
+            );
+            let rows = sqlx::query(&sql)
+                .bind(&idx)
+                .bind(&convs)
+                .bind(&bounds)
+                .bind(&limits)
+                .fetch_all(&mut *c)
+                .await?;
+            for row in rows {
+                let i: i64 = row.try_get(0)?;
+                if let Some(page) = pages.get_mut(i as usize) {
+                    page.messages.push(message_at(&row, 1)?);
+                }
+            }
+        }
+        for (page, req) in pages.iter_mut().zip(&requests) {
+            let limit = match req.range {
+                Range::After { limit, .. } | Range::Before { limit, .. } => limit,
+            };
+            page.more = page.messages.len() > limit;
+            if page.more {
+                // The one beyond the page: the newest for "after", the oldest for
+                // "before" (rows came oldest first).
+                match req.range {
+                    Range::After { .. } => {
+                        page.messages.truncate(limit);
+                    }
+                    Range::Before { .. } => {
+                        page.messages.remove(0);
+                    }
+                }
+            }
+        }
+        Ok(pages)
+    }
+
+    async fn inbox(
+        c: &mut Conn<Self>,
+        uid: &str,
+        limit: usize,
+        before: Option<u64>,
+    ) -> SqlResult<Inbox> {
+        // The page of conversations first, then the last message and the unread count
+        // of just those.
+        let sql = format!(
+            "WITH page AS ( \
+               SELECT m.conv, m.read_seq, c.last_seq, c.last_ts FROM members m \
+               LEFT JOIN conversations c ON c.conv = m.conv \
+               WHERE m.uid = $1 AND ($2::bigint IS NULL OR c.last_ts IS NULL OR c.last_ts < $2) \
+               ORDER BY c.last_ts DESC NULLS LAST, m.conv LIMIT $3) \
+             SELECT p.conv, p.read_seq, \
+               (SELECT count(*) FROM messages u WHERE u.conv = p.conv AND u.seq > p.read_seq \
+                AND u.sender <> $1 AND u.edit_of IS NULL AND u.delete_of IS NULL \
+                AND NOT u.deleted), \
+               {} \
+             FROM page p LEFT JOIN messages l ON l.conv = p.conv AND l.seq = p.last_seq \
+             ORDER BY p.last_ts DESC NULLS LAST, p.conv",
+            prefixed("l")
+        );
+        let rows = sqlx::query(&sql)
+            .bind(uid)
+            .bind(before.map(|b| b as i64))
+            .bind(limit as i64 + 1)
+            .fetch_all(&mut *c)
+            .await?;
+        let more = rows.len() > limit;
+        let mut conversations = Vec::with_capacity(limit.min(rows.len()));
+        for row in rows.iter().take(limit) {
+            let last_conv: Option<String> = row.try_get(3)?;
+            let read: i64 = row.try_get(1)?;
+            let unread: i64 = row.try_get(2)?;
+            conversations.push(InboxEntry {
+                conv: row.try_get(0)?,
+                last: match last_conv {
+                    Some(_) => Some(message_at(row, 3)?),
+                    None => None,
+                },
+                read: read as u64,
+                unread: unread as u64,
+            });
+        }
+        Ok(Inbox {
+            conversations,
+            more,
+        })
+    }
+});
