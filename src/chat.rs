@@ -16,14 +16,14 @@ use crate::cluster::Cluster;
 use crate::config::Limits;
 use crate::metrics::Metrics;
 use crate::protocol::{
-    dm_conv, now_ms, room_conv, valid_id, Conv, ErrorCode, Message, Sent, MAX_CLIENT_ID_LEN,
-    MAX_HISTORY_LIMIT, MAX_PRESENCE_UIDS, SYNC_LATEST, SYNC_PAGE,
+    dm_conv, now_ms, room_conv, valid_id, Conv, ErrorCode, InboxItem, Message, Sent, ServerFrame,
+    MAX_CLIENT_ID_LEN, MAX_HISTORY_LIMIT, MAX_PRESENCE_UIDS, SYNC_LATEST, SYNC_PAGE,
 };
 use crate::registry::SessionId;
-use crate::server::{ChatServer, Fanout, LocalOnline, Membership};
+use crate::server::{ChatServer, ConvEvent, Fanout, LocalOnline, Membership, Subscribe};
 use crate::store::{
-    By, Joined, NewMessage, NewRoom, Page, Range, ReadRequest, Refusal, Role, RoomInfo,
-    SharedStore, StoreError,
+    By, Change, Joined, MarkKind, NewMessage, NewRoom, Page, Range, ReadRequest, Refusal, Role,
+    RoomInfo, SharedStore, StoreError,
 };
 
 /// Most cursors one `sync` frame may carry.
@@ -32,6 +32,9 @@ pub const MAX_SYNC_CURSORS: usize = 10_000;
 pub const SYNC_CONVS: usize = 20;
 /// Members `room_info` lists (the count is exact).
 pub const ROOM_INFO_MEMBERS: usize = 1000;
+/// Conversations one `inbox` page holds at most (and by default).
+pub const INBOX_MAX: usize = 100;
+pub const INBOX_DEFAULT: usize = 50;
 
 /// Why a chat operation was refused; each maps to an error code of the contract.
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +104,20 @@ pub struct Outgoing {
     pub origin: Option<SessionId>,
     /// A user (membership required) or the server API (may post to any room).
     pub by: By,
+}
+
+/// An edit or delete, from a websocket or the HTTP API.
+#[derive(Debug, Clone)]
+pub struct ChangeRequest {
+    pub by: By,
+    /// Whom the change message is from (the user, or a name for the server).
+    pub from: String,
+    pub conv: String,
+    pub change: Change,
+    /// The new body (edits only).
+    pub body: Option<String>,
+    pub client_id: Option<String>,
+    pub origin: Option<SessionId>,
 }
 
 /// The answer to a `sync`.
@@ -559,6 +576,208 @@ impl Chat {
         pages
             .pop()
             .ok_or_else(|| ChatError::Unavailable("store answered no page".into()))
+    }
+
+    /// `inbox`: the user's conversations, newest first.
+    pub async fn inbox(
+        &self,
+        uid: &str,
+        limit: Option<u64>,
+        before: Option<u64>,
+    ) -> Result<(Vec<InboxItem>, bool), ChatError> {
+        let limit = match limit {
+            None => INBOX_DEFAULT,
+            Some(0) => return Err(ChatError::Invalid("limit must be at least 1".into())),
+            Some(l) => (l as usize).min(INBOX_MAX),
+        };
+        let inbox = self.call(self.store.inbox(uid, limit, before)).await?;
+        let items = inbox
+            .conversations
+            .into_iter()
+            .map(|e| {
+                let (with, room) = match Conv::parse(&e.conv) {
+                    Some(Conv::Dm(a, b)) => (Some(if a == uid { b } else { a }.to_owned()), None),
+                    Some(Conv::Room(r)) => (None, Some(r.to_owned())),
+                    None => (None, None),
+                };
+                InboxItem {
+                    conv: e.conv,
+                    with,
+                    room,
+                    last: e.last,
+                    read: e.read,
+                    unread: e.unread,
+                }
+            })
+            .collect();
+        Ok((items, inbox.more))
+    }
+
+    fn parse_conv(conv: &str) -> Result<Conv<'_>, ChatError> {
+        Conv::parse(conv)
+            .ok_or_else(|| ChatError::Invalid("conv must be dm:A:B (A < B) or room:R".into()))
+    }
+
+    /// `read` / `delivered`: moves the mark and pushes it to the user's other
+    /// connections and the other participants (rooms: up to the live size).
+    pub async fn mark(
+        &self,
+        uid: &str,
+        conv: &str,
+        kind: MarkKind,
+        seq: u64,
+        origin: Option<SessionId>,
+    ) -> Result<(), ChatError> {
+        Self::parse_conv(conv)?;
+        let Some(seq) = self.call(self.store.mark(uid, conv, kind, seq)).await? else {
+            return Ok(());
+        };
+        let frame = match kind {
+            MarkKind::Read => ServerFrame::Read { conv, uid, seq },
+            MarkKind::Delivered => ServerFrame::Delivered { conv, uid, seq },
+        };
+        self.event(conv, uid, frame.to_text(), false, origin, false)
+            .await;
+        Ok(())
+    }
+
+    /// `typing`: forwarded live to the other participants, at most once a second per
+    /// user and conversation; only in DMs and rooms up to the live size.
+    pub async fn typing(
+        &self,
+        uid: &str,
+        conv: &str,
+        origin: Option<SessionId>,
+    ) -> Result<(), ChatError> {
+        let parsed = Self::parse_conv(conv)?;
+        if let Conv::Dm(..) = parsed {
+            if !parsed.dm_includes(uid) {
+                return Err(ChatError::not_member(format!("{conv} is not yours")));
+            }
+        }
+        let frame = ServerFrame::Typing { conv, uid }.to_text();
+        self.event(conv, uid, frame, true, origin, true).await;
+        Ok(())
+    }
+
+    /// Hands an event about `conv` to this node's ChatServer and, if it passed the
+    /// rules there (rate, room size, membership), to the peers.
+    async fn event(
+        &self,
+        conv: &str,
+        uid: &str,
+        frame: bytestring::ByteString,
+        skip_sender: bool,
+        origin: Option<SessionId>,
+        typing: bool,
+    ) {
+        let event = ConvEvent {
+            conv: conv.to_owned(),
+            frame,
+            from: uid.to_owned(),
+            skip_sender,
+            origin,
+            typing,
+        };
+        let forward = event.forwardable();
+        match self.server.send(event).await {
+            Ok(true) => {
+                if let Some(cluster) = &self.cluster {
+                    cluster.route_event(forward).await;
+                }
+            }
+            Ok(false) => {}
+            Err(e) => log::warn!("the ChatServer has stopped: an event was not delivered: {e}"),
+        }
+    }
+
+    /// `receipts`: every participant's marks (for participants).
+    pub async fn receipts(
+        &self,
+        by: &By,
+        conv: &str,
+    ) -> Result<(BTreeMap<String, u64>, BTreeMap<String, u64>), ChatError> {
+        let parsed = Self::parse_conv(conv)?;
+        if let By::User(uid) = by {
+            let allowed = match parsed {
+                Conv::Dm(..) => parsed.dm_includes(uid),
+                Conv::Room(room) => self.call(self.store.role(uid, room)).await?.is_some(),
+            };
+            if !allowed {
+                return Err(ChatError::not_member(format!(
+                    "{conv} is not one of your conversations"
+                )));
+            }
+        }
+        let receipts = self.call(self.store.receipts(conv)).await?;
+        let read = receipts.iter().map(|r| (r.uid.clone(), r.read)).collect();
+        let delivered = receipts
+            .iter()
+            .map(|r| (r.uid.clone(), r.delivered))
+            .collect();
+        Ok((read, delivered))
+    }
+
+    /// `edit` (the author) and `delete` (the author, a room owner, or the server): a
+    /// message of its own naming the seq it changes.
+    pub async fn change(&self, req: ChangeRequest) -> Result<Sent, ChatError> {
+        let ChangeRequest {
+            by,
+            from,
+            conv,
+            change,
+            body,
+            client_id,
+            origin,
+        } = req;
+        let conv = conv.as_str();
+        Self::parse_conv(conv)?;
+        if let Some(body) = &body {
+            self.check_body(body)?;
+        }
+        if let Some(c) = &client_id {
+            if c.is_empty() || c.len() > MAX_CLIENT_ID_LEN {
+                return Err(ChatError::Invalid(format!(
+                    "client_id must be 1 to {MAX_CLIENT_ID_LEN} bytes"
+                )));
+            }
+        }
+        if let (Some(Conv::Dm(..)), By::User(uid)) = (Conv::parse(conv), &by) {
+            if !Conv::parse(conv).is_some_and(|c| c.dm_includes(uid)) {
+                return Err(ChatError::not_member(format!("{conv} is not yours")));
+            }
+        }
+        let new = NewMessage {
+            conv: conv.to_owned(),
+            from,
+            body,
+            change: Some(change),
+            client_id,
+            id: uuid::Uuid::new_v4().to_string(),
+            ts: now_ms(),
+            by,
+        };
+        self.append(new, origin).await
+    }
+
+    /// `presence` with `subscribe`: this connection also gets every change of these
+    /// users' presence while it is open.
+    pub async fn subscribe(&self, sid: SessionId, uids: &[String]) -> Result<(), ChatError> {
+        let accepted = self
+            .server
+            .send(Subscribe {
+                sid,
+                uids: uids.to_vec(),
+            })
+            .await
+            .map_err(|e| ChatError::Unavailable(e.to_string()))?;
+        if accepted {
+            Ok(())
+        } else {
+            Err(ChatError::Refused(Refusal::Limit(format!(
+                "a connection subscribes to at most {MAX_PRESENCE_UIDS} users"
+            ))))
+        }
     }
 
     /// Whether each user has a connection on any live node.

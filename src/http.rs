@@ -48,14 +48,27 @@ pub fn public_routes(cfg: &mut web::ServiceConfig) {
     .route("/home/room", web::get().to(old_room_page))
     .route("/static/{file}", web::get().to(static_file))
     .route("/ws", web::get().to(websocket))
+    .route("/session", web::get().to(session_check))
     .route("/healthz", web::get().to(healthz))
     .route("/readyz", web::get().to(readyz))
     .route("/metrics", web::get().to(metrics))
     .service(
         web::scope("/api")
             .route("/messages", web::post().to(api_post_message))
+            .route(
+                "/messages/{conv}/{seq}",
+                web::delete().to(api_delete_message),
+            )
             .route("/online", web::get().to(api_online))
-            .route("/history", web::get().to(api_history)),
+            .route("/history", web::get().to(api_history))
+            .route("/rooms", web::post().to(api_create_room))
+            .route("/rooms/{room}", web::get().to(api_room_info))
+            .route("/rooms/{room}/members/{uid}", web::put().to(api_add_member))
+            .route(
+                "/rooms/{room}/members/{uid}",
+                web::delete().to(api_remove_member),
+            )
+            .route("/users/{uid}/rooms", web::get().to(api_user_rooms)),
     );
 }
 
@@ -253,18 +266,17 @@ async fn websocket(
                 .error_response(),
         );
     }
-    let unauthorized =
-        |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m).error_response();
-    let q = match web::Query::<WsQuery>::from_query(req.query_string()) {
-        Ok(q) => q.into_inner(),
-        Err(e) => return Ok(unauthorized(&format!("bad query string: {e}"))),
-    };
-    let uid = match state
-        .auth
-        .authenticate(q.uid.as_deref(), q.token.as_deref())
-    {
+    let uid = match identify(&req, &state) {
         Ok(uid) => uid,
-        Err(e) => return Ok(unauthorized(&e.to_string())),
+        Err(reason) => {
+            log::info!(
+                "refused a websocket upgrade from {:?}: {reason}",
+                req.peer_addr()
+            );
+            return Ok(
+                ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", &reason).error_response(),
+            );
+        }
     };
     if state.draining.load(Ordering::Relaxed) {
         return Ok(ApiError::new(
@@ -298,6 +310,29 @@ async fn websocket(
         HttpResponse::from(response.body(BoxBody::new(BodyStream::new(body))))
             .map_into_boxed_body(),
     )
+}
+
+/// The user a `/ws` or `/session` request is for, or why it is refused.
+fn identify(req: &HttpRequest, state: &AppState) -> Result<String, String> {
+    let q = web::Query::<WsQuery>::from_query(req.query_string())
+        .map_err(|e| format!("bad query string: {e}"))?
+        .into_inner();
+    state
+        .auth
+        .authenticate(q.uid.as_deref(), q.token.as_deref())
+        .map_err(|e| e.to_string())
+}
+
+/// `GET /session?token=` (or `?uid=` in development mode): whom `/ws` would accept
+/// these credentials as, or why not. A browser cannot read the body of a refused
+/// websocket upgrade, so pages ask here to show the reason.
+async fn session_check(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    match identify(&req, &state) {
+        Ok(uid) => HttpResponse::Ok().json(serde_json::json!({ "uid": uid })),
+        Err(reason) => {
+            ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", &reason).error_response()
+        }
+    }
 }
 
 async fn healthz() -> HttpResponse {
@@ -452,4 +487,171 @@ async fn api_history(
     Ok(HttpResponse::Ok()
         .content_type("application/json")
         .body(body.to_string()))
+}
+
+fn json_frame(status: StatusCode, frame: ServerFrame<'_>) -> HttpResponse {
+    HttpResponse::build(status)
+        .content_type("application/json")
+        .body(frame.to_text().to_string())
+}
+
+#[derive(Deserialize)]
+struct ApiRoom {
+    room: String,
+    #[serde(default)]
+    private: bool,
+    #[serde(default)]
+    owners: Vec<String>,
+    #[serde(default)]
+    members: Vec<String>,
+}
+
+async fn api_create_room(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    body: web::Json<ApiRoom>,
+) -> Result<HttpResponse, ApiError> {
+    api_auth(&req, &state)?;
+    let b = body.into_inner();
+    let info = state
+        .chat
+        .create(
+            &By::Server,
+            crate::store::NewRoom {
+                room: b.room,
+                private: b.private,
+                owners: b.owners,
+                members: b.members,
+            },
+            None,
+        )
+        .await?;
+    Ok(json_frame(
+        StatusCode::CREATED,
+        ServerFrame::RoomInfo(&info),
+    ))
+}
+
+async fn api_room_info(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    api_auth(&req, &state)?;
+    let info = state.chat.room_info(&By::Server, &path).await?;
+    Ok(json_frame(StatusCode::OK, ServerFrame::RoomInfo(&info)))
+}
+
+#[derive(Deserialize, Default)]
+struct ApiRole {
+    #[serde(default)]
+    role: Option<String>,
+}
+
+async fn api_add_member(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    path: web::Path<(String, String)>,
+    body: Option<web::Json<ApiRole>>,
+) -> Result<HttpResponse, ApiError> {
+    api_auth(&req, &state)?;
+    let (room, uid) = path.into_inner();
+    let role = match body.and_then(|b| b.into_inner().role).as_deref() {
+        None | Some("member") => crate::store::Role::Member,
+        Some("owner") => crate::store::Role::Owner,
+        Some(other) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                &format!("role {other:?} must be member or owner"),
+            ))
+        }
+    };
+    state.chat.add(&By::Server, &room, &uid, role).await?;
+    Ok(json_frame(
+        StatusCode::OK,
+        ServerFrame::Added {
+            room: &room,
+            uid: &uid,
+            role: role.as_str(),
+        },
+    ))
+}
+
+#[derive(Deserialize)]
+struct BanQuery {
+    #[serde(default)]
+    ban: bool,
+}
+
+async fn api_remove_member(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    api_auth(&req, &state)?;
+    let (room, uid) = path.into_inner();
+    let q = web::Query::<BanQuery>::from_query(req.query_string())
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid", &e.to_string()))?;
+    state.chat.remove(&By::Server, &room, &uid, q.ban).await?;
+    Ok(json_frame(
+        StatusCode::OK,
+        ServerFrame::Removed {
+            room: &room,
+            uid: &uid,
+            ban: q.ban,
+        },
+    ))
+}
+
+async fn api_user_rooms(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    api_auth(&req, &state)?;
+    if !valid_id(&path) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            "uid must be 1 to 64 characters of A-Z a-z 0-9 _ . -",
+        ));
+    }
+    let rooms: Vec<String> = state
+        .chat
+        .rooms_of(&path)
+        .await?
+        .into_iter()
+        .map(|r| r.room)
+        .collect();
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "rooms": rooms })))
+}
+
+async fn api_delete_message(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    api_auth(&req, &state)?;
+    let (conv, seq) = path.into_inner();
+    let seq: u64 = seq.parse().map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            "seq must be a positive integer",
+        )
+    })?;
+    let sent = state
+        .chat
+        .change(crate::chat::ChangeRequest {
+            by: By::Server,
+            from: "system".into(),
+            conv,
+            change: crate::store::Change::Delete(seq),
+            body: None,
+            client_id: None,
+            origin: None,
+        })
+        .await?;
+    Ok(json_frame(StatusCode::OK, ServerFrame::Sent(&sent)))
 }

@@ -131,6 +131,37 @@ pub enum ClientFrame {
     RoomInfo {
         room: String,
     },
+    Inbox {
+        #[serde(default)]
+        limit: Option<u64>,
+        #[serde(default)]
+        before: Option<u64>,
+    },
+    Read {
+        conv: String,
+        seq: u64,
+    },
+    Delivered {
+        conv: String,
+        seq: u64,
+    },
+    Receipts {
+        conv: String,
+    },
+    Typing {
+        conv: String,
+    },
+    Edit {
+        conv: String,
+        seq: u64,
+        body: String,
+        client_id: String,
+    },
+    Delete {
+        conv: String,
+        seq: u64,
+        client_id: String,
+    },
 }
 
 const CLIENT_TYPES: &[&str] = &[
@@ -145,6 +176,13 @@ const CLIENT_TYPES: &[&str] = &[
     "add",
     "remove",
     "room_info",
+    "inbox",
+    "read",
+    "delivered",
+    "receipts",
+    "typing",
+    "edit",
+    "delete",
 ];
 
 /// Why a text frame could not be parsed, with the `client_id` it carried (if any)
@@ -396,6 +434,46 @@ pub enum ServerFrame<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
         client_id: Option<&'a str>,
     },
+    Inbox {
+        conversations: &'a [InboxItem],
+        more: bool,
+    },
+    /// A read mark moved (pushed to the other participants and the user's devices).
+    Read {
+        conv: &'a str,
+        uid: &'a str,
+        seq: u64,
+    },
+    Delivered {
+        conv: &'a str,
+        uid: &'a str,
+        seq: u64,
+    },
+    Receipts {
+        conv: &'a str,
+        read: &'a BTreeMap<String, u64>,
+        delivered: &'a BTreeMap<String, u64>,
+    },
+    Typing {
+        conv: &'a str,
+        uid: &'a str,
+    },
+}
+
+/// One conversation of an `inbox` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InboxItem {
+    pub conv: String,
+    /// The other participant of a DM.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub with: Option<String>,
+    /// The room of a room conversation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub room: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last: Option<Message>,
+    pub read: u64,
+    pub unread: u64,
 }
 
 impl ServerFrame<'_> {

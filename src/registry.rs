@@ -156,6 +156,10 @@ impl<H> Registry<H> {
         self.user_rooms.get(uid).is_some_and(|r| r.contains(room))
     }
 
+    pub fn handle(&self, sid: SessionId) -> Option<&H> {
+        self.sessions.get(&sid).map(|e| &e.handle)
+    }
+
     pub fn uid_of(&self, sid: SessionId) -> Option<&str> {
         self.sessions.get(&sid).map(|e| e.uid.as_str())
     }

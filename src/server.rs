@@ -8,8 +8,9 @@
 //! handed, in order, to a [`ClusterSink`] that mirrors it into the Redis directory; the
 //! sink is implemented by the cluster module, which this module does not know.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use bytestring::ByteString;
@@ -17,7 +18,7 @@ use tokio::sync::oneshot;
 
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, Pushed};
-use crate::protocol::{Message as ChatMessage, ServerFrame};
+use crate::protocol::{Conv, Message as ChatMessage, ServerFrame, MAX_PRESENCE_UIDS};
 use crate::registry::{Registry, SessionId};
 use crate::store::UserRoom;
 
@@ -110,6 +111,67 @@ pub struct Presence {
     pub rooms: Vec<String>,
 }
 
+/// An event about a conversation that is not a message (a mark, typing): pushed to the
+/// participants' connections here. Answers whether it passed the rules here (so the
+/// caller forwards it to the peers).
+#[derive(Message, Clone)]
+#[rtype(result = "bool")]
+pub struct ConvEvent {
+    pub conv: String,
+    pub frame: ByteString,
+    /// The user the event is about.
+    pub from: String,
+    /// Skip all of `from`'s connections (typing), not only `origin` (marks).
+    pub skip_sender: bool,
+    /// The connection it came from; None when it came from a peer.
+    pub origin: Option<SessionId>,
+    /// At most one a second per user and conversation; others are dropped.
+    pub typing: bool,
+}
+
+/// A [`ConvEvent`] as it travels to peers.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PeerEvent {
+    pub conv: String,
+    pub frame: String,
+    pub from: String,
+    #[serde(default)]
+    pub skip_sender: bool,
+}
+
+impl ConvEvent {
+    pub fn forwardable(&self) -> PeerEvent {
+        PeerEvent {
+            conv: self.conv.clone(),
+            frame: self.frame.to_string(),
+            from: self.from.clone(),
+            skip_sender: self.skip_sender,
+        }
+    }
+}
+
+impl From<PeerEvent> for ConvEvent {
+    fn from(e: PeerEvent) -> Self {
+        ConvEvent {
+            conv: e.conv,
+            frame: e.frame.into(),
+            from: e.from,
+            skip_sender: e.skip_sender,
+            origin: None,
+            typing: false,
+        }
+    }
+}
+
+/// Subscribes a connection to these users' presence changes. Answers false (and
+/// subscribes to none) when it would pass the bound.
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct Subscribe {
+    pub sid: SessionId,
+    pub uids: Vec<String>,
+}
+
 /// Which connections may have missed live messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ResyncScope {
@@ -162,8 +224,16 @@ pub struct ChatServer {
     /// Member counts of rooms with members here, for the live-event bound.
     room_sizes: HashMap<String, u64>,
     live_room_size: u64,
+    /// Presence subscriptions: connection -> users, and user -> connections.
+    subscriptions: HashMap<SessionId, HashSet<String>>,
+    subscribers: HashMap<String, HashSet<SessionId>>,
+    /// When each (user, conversation) last had a typing event forwarded.
+    typing: HashMap<(String, String), Instant>,
     closing: bool,
 }
+
+/// Typing events of one user in one conversation are forwarded at most this often.
+const TYPING_EVERY: Duration = Duration::from_secs(1);
 
 impl ChatServer {
     pub fn new(metrics: Arc<Metrics>, live_room_size: u64) -> Self {
@@ -173,7 +243,56 @@ impl ChatServer {
             cluster: None,
             room_sizes: HashMap::new(),
             live_room_size,
+            subscriptions: HashMap::new(),
+            subscribers: HashMap::new(),
+            typing: HashMap::new(),
             closing: false,
+        }
+    }
+
+    /// Tells the connections subscribed to `uid` that they came online or went offline.
+    fn presence_changed(&self, uid: &str, online: bool) {
+        let Some(sids) = self.subscribers.get(uid) else {
+            return;
+        };
+        let frame = ServerFrame::Presence {
+            room: None,
+            uid,
+            online,
+        }
+        .to_text();
+        for sid in sids {
+            if let Some(h) = self.registry.handle(*sid) {
+                h.outbox.presence(None, uid, frame.clone());
+            }
+        }
+    }
+
+    fn unsubscribe(&mut self, sid: SessionId) {
+        for uid in self.subscriptions.remove(&sid).into_iter().flatten() {
+            if let Some(sids) = self.subscribers.get_mut(&uid) {
+                sids.remove(&sid);
+                if sids.is_empty() {
+                    self.subscribers.remove(&uid);
+                }
+            }
+        }
+    }
+
+    /// The typing rate: true when this one may go.
+    fn typing_allowed(&mut self, uid: &str, conv: &str) -> bool {
+        let now = Instant::now();
+        if self.typing.len() > 10_000 {
+            self.typing
+                .retain(|_, at| now.duration_since(*at) < TYPING_EVERY);
+        }
+        let key = (uid.to_owned(), conv.to_owned());
+        match self.typing.get(&key) {
+            Some(at) if now.duration_since(*at) < TYPING_EVERY => false,
+            _ => {
+                self.typing.insert(key, now);
+                true
+            }
         }
     }
 
@@ -259,6 +378,7 @@ impl Handler<Connect> for ChatServer {
                 for room in &rooms {
                     self.room_presence(room, &msg.uid, true);
                 }
+                self.presence_changed(&msg.uid, true);
             }
             return None;
         }
@@ -280,6 +400,7 @@ impl Handler<Disconnect> for ChatServer {
     type Result = ();
 
     fn handle(&mut self, msg: Disconnect, _: &mut Context<Self>) {
+        self.unsubscribe(msg.sid);
         let Some(departure) = self.registry.disconnect(msg.sid) else {
             return;
         };
@@ -299,6 +420,7 @@ impl Handler<Disconnect> for ChatServer {
                 for room in &departure.rooms {
                     self.room_presence(room, &departure.uid, false);
                 }
+                self.presence_changed(&departure.uid, false);
             }
         }
     }
@@ -373,6 +495,77 @@ impl Handler<Presence> for ChatServer {
         for room in &msg.rooms {
             self.room_presence(room, &msg.uid, msg.online);
         }
+        self.presence_changed(&msg.uid, msg.online);
+    }
+}
+
+impl Handler<ConvEvent> for ChatServer {
+    type Result = bool;
+
+    fn handle(&mut self, msg: ConvEvent, _: &mut Context<Self>) -> bool {
+        // In a room larger than the live bound only the user's own devices hear it.
+        let targets = match Conv::parse(&msg.conv) {
+            Some(Conv::Dm(a, b)) => self.registry.targets(&[a, b], None, None),
+            Some(Conv::Room(room)) => {
+                if msg.origin.is_some() && !self.registry.is_member(&msg.from, room) {
+                    return false;
+                }
+                let small = self.small(room);
+                if msg.typing && !small {
+                    return false;
+                }
+                if small {
+                    self.registry.targets(&[], Some(room), None)
+                } else {
+                    self.registry.targets(&[&msg.from], None, None)
+                }
+            }
+            None => return false,
+        };
+        let targets: Vec<SessionHandle> = targets.into_iter().cloned().collect();
+        if msg.typing && msg.origin.is_some() && !self.typing_allowed(&msg.from, &msg.conv) {
+            return false;
+        }
+        let origin_outbox = msg
+            .origin
+            .and_then(|sid| self.registry.handle(sid))
+            .map(|h| Arc::as_ptr(&h.outbox));
+        let sender_outboxes: HashSet<*const crate::outbox::Outbox> = if msg.skip_sender {
+            self.registry
+                .sessions_of(&msg.from)
+                .map(|(_, h)| Arc::as_ptr(&h.outbox))
+                .collect()
+        } else {
+            HashSet::new()
+        };
+        for h in &targets {
+            let p = Arc::as_ptr(&h.outbox);
+            if Some(p) == origin_outbox || sender_outboxes.contains(&p) {
+                continue;
+            }
+            h.outbox.control(msg.frame.clone());
+        }
+        true
+    }
+}
+
+impl Handler<Subscribe> for ChatServer {
+    type Result = bool;
+
+    fn handle(&mut self, msg: Subscribe, _: &mut Context<Self>) -> bool {
+        let current = self.subscriptions.entry(msg.sid).or_default();
+        let new: Vec<&String> = msg.uids.iter().filter(|u| !current.contains(*u)).collect();
+        if current.len() + new.len() > MAX_PRESENCE_UIDS {
+            return false;
+        }
+        for uid in new {
+            current.insert(uid.clone());
+            self.subscribers
+                .entry(uid.clone())
+                .or_default()
+                .insert(msg.sid);
+        }
+        true
     }
 }
 

@@ -20,7 +20,7 @@ use super::queue::{Batch, Item, MembershipEvent, PresenceEvent};
 use super::upkeep::UpkeepState;
 use crate::metrics::Metrics;
 use crate::protocol::Message as ChatMessage;
-use crate::server::{ChatServer, Presence, Reconcile, Resync, ResyncScope};
+use crate::server::{ChatServer, PeerEvent, Presence, Reconcile, Resync, ResyncScope};
 use crate::store::SharedStore;
 
 /// Deadline of one POST to a peer.
@@ -51,8 +51,8 @@ pub struct ClusterBridge {
     liveness: Liveness,
     delivery: Delivery,
     client: Option<awc::Client>,
-    /// Stored messages waiting for a look-up of their nodes.
-    routing: Vec<Arc<ChatMessage>>,
+    /// Stored messages and events waiting for a look-up of their nodes.
+    routing: Vec<Routed>,
     looking_up: bool,
     beating: bool,
     leaving: bool,
@@ -108,6 +108,17 @@ impl ClusterBridge {
             log::warn!(
                 "peer {node}: outbound queue full; it will resync the connections of {conv}"
             );
+        }
+    }
+
+    /// Queues one routed thing for `node` (not this one).
+    fn queue_routed(&mut self, node: &str, routed: &Routed, json: Option<&Arc<RawValue>>) {
+        match (routed, json) {
+            (Routed::Message(m), Some(json)) => self.queue_message(node, json, &m.conv),
+            (Routed::Event(e), _) if node != self.cfg.node_id => {
+                self.delivery.event(node, Item::Event(e.clone()), None)
+            }
+            _ => {}
         }
     }
 
@@ -194,8 +205,8 @@ impl ClusterBridge {
         }
         self.looking_up = true;
         let n = self.routing.len().min(LOOKUP_BATCH);
-        let messages: Vec<Arc<ChatMessage>> = self.routing.drain(..n).collect();
-        let lookups = delivery::lookups(&messages);
+        let routed: Vec<Routed> = self.routing.drain(..n).collect();
+        let lookups = delivery::lookups(routed.iter().map(Routed::conv));
         let directory = self.directory.clone();
         ctx.spawn(
             async move {
@@ -213,10 +224,10 @@ impl ClusterBridge {
                 let mut touched = std::collections::BTreeSet::new();
                 match found {
                     Ok((users, rooms)) => {
-                        for m in &messages {
-                            let Some(json) = serialise(m) else { continue };
-                            for node in delivery::nodes_of(m, &users, &rooms) {
-                                act.queue_message(node, &json, &m.conv);
+                        for r in &routed {
+                            let json = r.json();
+                            for node in delivery::nodes_of(r.conv(), &users, &rooms) {
+                                act.queue_routed(node, r, json.as_ref());
                                 touched.insert(node.to_owned());
                             }
                         }
@@ -225,14 +236,14 @@ impl ClusterBridge {
                         // Without the directory, every live peer gets them (each
                         // delivers to whoever it holds).
                         log::warn!(
-                            "directory look-up failed ({e}); sending {} messages to every peer",
-                            messages.len()
+                            "directory look-up failed ({e}); sending {} messages and events to every peer",
+                            routed.len()
                         );
                         let peers = act.liveness.peers();
-                        for m in &messages {
-                            let Some(json) = serialise(m) else { continue };
+                        for r in &routed {
+                            let json = r.json();
                             for node in &peers {
-                                act.queue_message(node, &json, &m.conv);
+                                act.queue_routed(node, r, json.as_ref());
                             }
                         }
                         touched.extend(peers);
@@ -433,11 +444,37 @@ impl Actor for ClusterBridge {
     }
 }
 
-/// A message this node stored: deliver it to the peers that hold its recipients.
+/// What is routed to the peers holding a conversation's participants.
+#[derive(Clone)]
+pub enum Routed {
+    /// A message this node stored.
+    Message(Arc<ChatMessage>),
+    /// A mark or typing event that passed this node's rules.
+    Event(Arc<PeerEvent>),
+}
+
+impl Routed {
+    fn conv(&self) -> &str {
+        match self {
+            Routed::Message(m) => &m.conv,
+            Routed::Event(e) => &e.conv,
+        }
+    }
+
+    /// A message serialised once for all its peers.
+    fn json(&self) -> Option<Arc<RawValue>> {
+        match self {
+            Routed::Message(m) => serialise(m),
+            Routed::Event(_) => None,
+        }
+    }
+}
+
+/// Deliver a message or event to the peers that hold its participants.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Route {
-    pub message: Arc<ChatMessage>,
+    pub routed: Routed,
 }
 
 impl Handler<Route> for ClusterBridge {
@@ -446,15 +483,14 @@ impl Handler<Route> for ClusterBridge {
     fn handle(&mut self, msg: Route, ctx: &mut Context<Self>) {
         if self.routing.len() >= MAX_ROUTING {
             // Look-ups are far behind: skip the look-up, every peer gets it.
-            if let Some(json) = serialise(&msg.message) {
-                for peer in self.liveness.peers() {
-                    self.queue_message(&peer, &json, &msg.message.conv);
-                    self.flush(peer, ctx);
-                }
+            let json = msg.routed.json();
+            for peer in self.liveness.peers() {
+                self.queue_routed(&peer, &msg.routed, json.as_ref());
+                self.flush(peer, ctx);
             }
             return;
         }
-        self.routing.push(msg.message);
+        self.routing.push(msg.routed);
         self.route(ctx);
     }
 }

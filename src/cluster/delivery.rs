@@ -10,7 +10,8 @@ use serde_json::value::RawValue;
 use tokio::sync::oneshot;
 
 use super::queue::{Batch, Item, MembershipEvent, PeerQueue, PresenceEvent};
-use crate::protocol::{Conv, Message};
+use crate::protocol::Conv;
+use crate::server::PeerEvent;
 
 /// Most items in one POST.
 pub const MAX_BATCH: usize = 512;
@@ -25,13 +26,13 @@ pub struct Lookups {
     pub rooms: Vec<String>,
 }
 
-/// Who must get `m` besides the sending connection: the nodes of both participants of a
-/// DM (the sender's other devices too), or of the room's members.
-pub fn lookups(messages: &[Arc<Message>]) -> Lookups {
+/// Who must get what happens in these conversations: the nodes of both participants
+/// of a DM (the sender's other devices too), or of the room's members.
+pub fn lookups<'a>(convs: impl IntoIterator<Item = &'a str>) -> Lookups {
     let mut users = BTreeSet::new();
     let mut rooms = BTreeSet::new();
-    for m in messages {
-        match Conv::parse(&m.conv) {
+    for conv in convs {
+        match Conv::parse(conv) {
             Some(Conv::Dm(a, b)) => {
                 users.insert(a.to_owned());
                 users.insert(b.to_owned());
@@ -48,14 +49,14 @@ pub fn lookups(messages: &[Arc<Message>]) -> Lookups {
     }
 }
 
-/// The nodes a message goes to, given the answers to [`lookups`].
+/// The nodes what happens in `conv` goes to, given the answers to [`lookups`].
 pub fn nodes_of<'a>(
-    m: &Message,
+    conv: &str,
     users: &'a HashMap<String, Vec<String>>,
     rooms: &'a HashMap<String, Vec<String>>,
 ) -> BTreeSet<&'a str> {
     let mut out = BTreeSet::new();
-    match Conv::parse(&m.conv) {
+    match Conv::parse(conv) {
         Some(Conv::Dm(a, b)) => {
             for uid in [a, b] {
                 out.extend(users.get(uid).into_iter().flatten().map(String::as_str));
@@ -75,6 +76,8 @@ struct BatchOut<'a> {
     messages: Vec<&'a RawValue>,
     presence: Vec<&'a PresenceEvent>,
     membership: Vec<&'a MembershipEvent>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    events: Vec<&'a PeerEvent>,
     #[serde(skip_serializing_if = "BTreeSet::is_empty")]
     lost: &'a BTreeSet<String>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -88,6 +91,7 @@ pub fn encode(from: &str, batch: &Batch) -> Vec<u8> {
         messages: Vec::new(),
         presence: Vec::new(),
         membership: Vec::new(),
+        events: Vec::new(),
         lost: &batch.lost,
         lost_all: batch.lost_all,
     };
@@ -96,6 +100,7 @@ pub fn encode(from: &str, batch: &Batch) -> Vec<u8> {
             Item::Message(m) => out.messages.push(m),
             Item::Presence(p) => out.presence.push(p),
             Item::Membership(m) => out.membership.push(m),
+            Item::Event(e) => out.events.push(e),
         }
     }
     serde_json::to_vec(&out).unwrap_or_else(|e| {
@@ -169,14 +174,16 @@ impl Delivery {
 mod tests {
     use super::*;
 
+    use crate::protocol::Message;
+
     fn msg(conv: &str, from: &str) -> Arc<Message> {
         Arc::new(Message::new(conv, 1, "i".into(), from, Some("b".into()), 0))
     }
 
     #[test]
     fn a_dm_goes_to_both_participants_nodes_a_room_to_its_members_nodes() {
-        let ms = vec![msg("dm:alice:bob", "alice"), msg("room:lobby", "carol")];
-        let l = lookups(&ms);
+        let ms = [msg("dm:alice:bob", "alice"), msg("room:lobby", "carol")];
+        let l = lookups(ms.iter().map(|m| m.conv.as_str()));
         assert_eq!(l.users, vec!["alice", "bob"]);
         assert_eq!(l.rooms, vec!["lobby"]);
         let users = HashMap::from([
@@ -187,9 +194,9 @@ mod tests {
             ("bob".to_string(), vec!["n2".to_string(), "n3".to_string()]),
         ]);
         let rooms = HashMap::from([("lobby".to_string(), vec!["n4".to_string()])]);
-        let dm: Vec<&str> = nodes_of(&ms[0], &users, &rooms).into_iter().collect();
+        let dm: Vec<&str> = nodes_of(&ms[0].conv, &users, &rooms).into_iter().collect();
         assert_eq!(dm, vec!["n1", "n2", "n3"], "one copy per node");
-        let room: Vec<&str> = nodes_of(&ms[1], &users, &rooms).into_iter().collect();
+        let room: Vec<&str> = nodes_of(&ms[1].conv, &users, &rooms).into_iter().collect();
         assert_eq!(room, vec!["n4"]);
     }
 

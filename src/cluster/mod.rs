@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
-use self::bridge::{BridgeConfig, Busy, ClusterBridge, Deregister, Forward, Route, Stop};
+use self::bridge::{BridgeConfig, Busy, ClusterBridge, Deregister, Forward, Route, Routed, Stop};
 use self::directory::{Directory, Timeouts};
 use self::liveness::{LiveTable, Liveness};
 use self::queue::MembershipEvent;
@@ -35,7 +35,7 @@ use self::upkeep::UpkeepState;
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::protocol::Message as ChatMessage;
-use crate::server::{AttachCluster, ChatServer, Membership};
+use crate::server::{AttachCluster, ChatServer, Membership, PeerEvent};
 use crate::store::{SharedStore, StoreError};
 
 pub use self::peer::peer_routes;
@@ -70,8 +70,18 @@ impl Cluster {
     /// Carries a stored message to the peers that hold its recipients. Waits for room
     /// in the bridge's mailbox, so a node under load slows its senders.
     pub async fn route(&self, message: Arc<ChatMessage>) {
-        if self.bridge.send(Route { message }).await.is_err() {
+        let routed = Routed::Message(message);
+        if self.bridge.send(Route { routed }).await.is_err() {
             log::warn!("the cluster bridge has stopped: a stored message was not routed");
+        }
+    }
+
+    /// Carries a mark or typing event to the peers that hold the conversation's
+    /// participants.
+    pub async fn route_event(&self, event: PeerEvent) {
+        let routed = Routed::Event(Arc::new(event));
+        if self.bridge.send(Route { routed }).await.is_err() {
+            log::warn!("the cluster bridge has stopped: an event was not routed");
         }
     }
 

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use super::queue::{MembershipEvent, PresenceEvent};
 use crate::http::{bearer_ok, ApiError, AppState};
 use crate::protocol::Message;
-use crate::server::{FanoutBatch, Membership, Presence, Resync, ResyncScope};
+use crate::server::{ConvEvent, FanoutBatch, Membership, PeerEvent, Presence, Resync, ResyncScope};
 
 /// Largest batch body a peer may send (MAX_BATCH messages of the largest body, with
 /// room for JSON escaping).
@@ -30,6 +30,8 @@ struct BatchIn {
     presence: Vec<PresenceEvent>,
     #[serde(default)]
     membership: Vec<MembershipEvent>,
+    #[serde(default)]
+    events: Vec<PeerEvent>,
     #[serde(default)]
     lost: Vec<String>,
     #[serde(default)]
@@ -115,6 +117,12 @@ async fn deliver(
             .send(FanoutBatch {
                 messages: batch.messages,
             })
+            .await
+            .map_err(|_| stopped())?;
+    }
+    for e in batch.events {
+        server
+            .send(ConvEvent::from(e))
             .await
             .map_err(|_| stopped())?;
     }

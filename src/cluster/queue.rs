@@ -43,6 +43,8 @@ pub enum Item {
     Message(Arc<RawValue>),
     Presence(Arc<PresenceEvent>),
     Membership(Arc<MembershipEvent>),
+    /// A mark or typing event of a conversation.
+    Event(Arc<crate::server::PeerEvent>),
 }
 
 /// First retry delay after a failed POST; doubles per failure up to [`MAX_BACKOFF`].
@@ -235,7 +237,7 @@ mod tests {
             .iter()
             .map(|i| match i {
                 Item::Message(m) => serde_json::from_str::<Message>(m.get()).unwrap().seq,
-                Item::Presence(_) | Item::Membership(_) => 0,
+                Item::Presence(_) | Item::Membership(_) | Item::Event(_) => 0,
             })
             .collect()
     }

@@ -30,14 +30,14 @@ use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
 
 use self::wire::FrameReader;
-use crate::chat::{Chat, ChatError, Outgoing, Target};
+use crate::chat::{ChangeRequest, Chat, ChatError, Outgoing, Target};
 use crate::outbox::{OutFrame, Outbox};
 use crate::protocol::{parse_client_frame, ClientFrame, ErrorCode, ServerFrame};
 use crate::ratelimit::{RateLimiter, Verdict};
 use crate::registry::SessionId;
 use crate::server::{Connect, Disconnect, Membership, SessionHandle};
 use crate::socket::KillSwitch;
-use crate::store::{By, NewRoom, Role, UserRoom};
+use crate::store::{By, Change, MarkKind, NewRoom, Role, UserRoom};
 
 /// Requests waiting behind the one in flight before the session stops reading.
 pub const MAX_PENDING: usize = 32;
@@ -476,9 +476,16 @@ impl WsSession {
                     Err(e) => act.chat_error(&e, None),
                 },
             ),
-            ClientFrame::Presence { uids, .. } => self.run(
+            ClientFrame::Presence { uids, subscribe } => self.run(
                 ctx,
-                async move { chat.online(uids).await },
+                async move {
+                    // Subscribed first: a change between the answer and the
+                    // subscription would otherwise be missed.
+                    if subscribe {
+                        chat.subscribe(sid, &uids).await?;
+                    }
+                    chat.online(uids).await
+                },
                 |act, r| match r {
                     Ok(answers) => {
                         for (uid, online) in &answers {
@@ -492,6 +499,115 @@ impl WsSession {
                     Err(e) => act.chat_error(&e, None),
                 },
             ),
+            ClientFrame::Inbox { limit, before } => self.run(
+                ctx,
+                async move { chat.inbox(&uid, limit, before).await },
+                |act, r| match r {
+                    Ok((conversations, more)) => act.write(ServerFrame::Inbox {
+                        conversations: &conversations,
+                        more,
+                    }),
+                    Err(e) => act.chat_error(&e, None),
+                },
+            ),
+            ClientFrame::Read { conv, seq } => self.run(
+                ctx,
+                async move { chat.mark(&uid, &conv, MarkKind::Read, seq, Some(sid)).await },
+                |act, r| {
+                    if let Err(e) = r {
+                        act.chat_error(&e, None);
+                    }
+                },
+            ),
+            ClientFrame::Delivered { conv, seq } => self.run(
+                ctx,
+                async move {
+                    chat.mark(&uid, &conv, MarkKind::Delivered, seq, Some(sid))
+                        .await
+                },
+                |act, r| {
+                    if let Err(e) = r {
+                        act.chat_error(&e, None);
+                    }
+                },
+            ),
+            ClientFrame::Receipts { conv } => self.run(
+                ctx,
+                async move {
+                    let r = chat.receipts(&By::User(uid), &conv).await;
+                    (r, conv)
+                },
+                |act, (r, conv)| match r {
+                    Ok((read, delivered)) => act.write(ServerFrame::Receipts {
+                        conv: &conv,
+                        read: &read,
+                        delivered: &delivered,
+                    }),
+                    Err(e) => act.chat_error(&e, None),
+                },
+            ),
+            ClientFrame::Typing { conv } => self.run(
+                ctx,
+                async move { chat.typing(&uid, &conv, Some(sid)).await },
+                |act, r| {
+                    if let Err(e) = r {
+                        act.chat_error(&e, None);
+                    }
+                },
+            ),
+            ClientFrame::Edit {
+                conv,
+                seq,
+                body,
+                client_id,
+            } => {
+                let cid = client_id.clone();
+                self.run(
+                    ctx,
+                    async move {
+                        chat.change(ChangeRequest {
+                            by: By::User(uid.clone()),
+                            from: uid,
+                            conv,
+                            change: Change::Edit(seq),
+                            body: Some(body),
+                            client_id: Some(client_id),
+                            origin: Some(sid),
+                        })
+                        .await
+                    },
+                    move |act, r| match r {
+                        Ok(sent) => act.write(ServerFrame::Sent(&sent)),
+                        Err(e) => act.chat_error(&e, Some(&cid)),
+                    },
+                )
+            }
+            ClientFrame::Delete {
+                conv,
+                seq,
+                client_id,
+            } => {
+                let cid = client_id.clone();
+                self.run(
+                    ctx,
+                    async move {
+                        chat.change(ChangeRequest {
+                            by: By::User(uid.clone()),
+                            from: uid,
+                            conv,
+                            change: Change::Delete(seq),
+                            body: None,
+                            client_id: Some(client_id),
+                            origin: Some(sid),
+                        })
+                        .await
+                    },
+                    move |act, r| match r {
+                        Ok(sent) => act.write(ServerFrame::Sent(&sent)),
+                        Err(e) => act.chat_error(&e, Some(&cid)),
+                    },
+                )
+            }
         }
     }
 
