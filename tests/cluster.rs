@@ -297,13 +297,7 @@ async fn a_killed_node_loses_nothing_that_was_sent() {
             && a.metric("chatmesh_peer_queue_depth") == 0.0
     })
     .await;
-    let deadline = std::time::Instant::now() + common::WAIT;
-    while alice.presence(&["bob"]).await[0]["online"] == true {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "bob never went offline"
-        );
-    }
+    alice.wait_online("bob", false).await;
     // bob reconnects to the surviving node and catches up from his cursor
     let mut bob = Client::connect(&a, "bob").await;
     bob.send(json!({"type":"sync","cursors":{"dm:alice:bob": first}}))
@@ -517,13 +511,7 @@ async fn a_dead_nodes_users_are_announced_offline() {
     let mut bob = Client::connect_url(&doomed.ws_url("bob"), "bob").await;
     bob.join("lobby").await;
     // wait for node-a to know bob is there
-    let deadline = std::time::Instant::now() + common::WAIT;
-    while alice.presence(&["bob"]).await[0]["online"] != true {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "bob never came online"
-        );
-    }
+    alice.wait_online("bob", true).await;
     doomed.kill();
     let event = loop {
         let f = alice.recv_type("presence").await;

@@ -527,6 +527,34 @@ impl Client {
         answers
     }
 
+    /// Whether `uid` is online, asked with a `presence` frame; other frames that arrive
+    /// first are skipped.
+    pub async fn is_online(&mut self, uid: &str) -> bool {
+        self.send(json!({"type":"presence","uids":[uid]})).await;
+        loop {
+            let f = self.recv().await;
+            if f["type"] == "presence" && f["uid"] == uid && f.get("room").is_none() {
+                return f["online"] == true;
+            }
+            assert_ne!(f["type"], "error", "{}: {f}", self.uid);
+        }
+    }
+
+    /// Polls [`Client::is_online`] (at a pace the rate limit allows) until it answers
+    /// `online`, failing after [`WAIT`].
+    pub async fn wait_online(&mut self, uid: &str, online: bool) {
+        let deadline = Instant::now() + WAIT;
+        while self.is_online(uid).await != online {
+            assert!(
+                Instant::now() < deadline,
+                "{}: {uid} never became {}",
+                self.uid,
+                if online { "online" } else { "offline" }
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Proves nothing else is queued for this connection: two presence round trips, and
     /// every frame before the second answer is returned.
     pub async fn drain(&mut self) -> Vec<Value> {
@@ -734,6 +762,22 @@ impl ProcessNode {
         format!("{}?uid={uid}", self.ws)
     }
 
+    /// SIGSTOP: the process freezes with its sockets open.
+    pub fn pause(&self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-STOP", &self.child.id().to_string()])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+
+    /// SIGCONT.
+    pub fn resume(&self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-CONT", &self.child.id().to_string()])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+
     /// SIGKILL: no goodbye, no deregistration.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -751,7 +795,77 @@ impl ProcessNode {
 
 impl Drop for ProcessNode {
     fn drop(&mut self) {
+        self.resume();
         self.kill();
+    }
+}
+
+/// What a client has seen, as a real client keeps it: messages by conversation
+/// (deduplicated by seq), and how often it was told to resync.
+#[derive(Debug, Default)]
+pub struct Seen {
+    pub convs: std::collections::BTreeMap<String, std::collections::BTreeSet<u64>>,
+    /// Message frames received, duplicates included.
+    pub frames: usize,
+    pub resyncs: usize,
+}
+
+impl Seen {
+    /// Records a frame; true if it was a message.
+    pub fn record(&mut self, f: &Value) -> bool {
+        if f["type"] == "resync" {
+            self.resyncs += 1;
+        }
+        if f["type"] != "message" {
+            return false;
+        }
+        let (Some(conv), Some(seq)) = (f["conv"].as_str(), f["seq"].as_u64()) else {
+            return false;
+        };
+        self.frames += 1;
+        self.convs.entry(conv.to_owned()).or_default().insert(seq);
+        true
+    }
+
+    /// The highest seq of `conv` below which nothing is missing.
+    pub fn cursor(&self, conv: &str) -> u64 {
+        let mut c = 0;
+        for s in self.convs.get(conv).into_iter().flatten() {
+            if *s == c + 1 {
+                c = *s;
+            } else if *s > c + 1 {
+                break;
+            }
+        }
+        c
+    }
+
+    pub fn has(&self, conv: &str, seq: u64) -> bool {
+        self.convs.get(conv).is_some_and(|s| s.contains(&seq))
+    }
+}
+
+impl Client {
+    /// Syncs (cursors: the gap-free prefix of `convs` seen so far) until `synced` lists
+    /// nothing more, recording everything that arrives meanwhile.
+    pub async fn sync_into(&mut self, seen: &mut Seen, convs: &[String]) {
+        loop {
+            let cursors: serde_json::Map<String, Value> = convs
+                .iter()
+                .map(|c| (c.clone(), json!(seen.cursor(c))))
+                .collect();
+            self.send(json!({"type":"sync","cursors":cursors})).await;
+            let more = loop {
+                let f = self.recv().await;
+                seen.record(&f);
+                if f["type"] == "synced" {
+                    break !f["more"].as_array().is_none_or(|m| m.is_empty());
+                }
+            };
+            if !more {
+                return;
+            }
+        }
     }
 }
 

@@ -1,0 +1,490 @@
+//! Faults made for real: SIGKILL, SIGSTOP, FLUSHALL, a paused Redis, racing joins, a
+//! presence storm with a peer burst, and a churn of reconnecting users. What they show
+//! is the promise of contract sections 3 and 9: every `sent` message reaches every
+//! connection of every recipient, live or through the sync that follows a `resync` or
+//! a reconnect, and nothing sent is lost.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use common::{Client, ClusterEnv, ProcessNode, Seen, TestNode};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+/// Sends `count` DMs from `c` to `to`; answers their seqs.
+async fn dms(c: &mut Client, to: &str, count: usize, tag: &str) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    for i in 0..count {
+        let s = c
+            .direct(to, &format!("{tag}{i}"), &format!("{tag}{i}"))
+            .await;
+        seqs.push(s["seq"].as_u64().unwrap());
+    }
+    seqs
+}
+
+/// A single node on SQLite, SIGKILLed right after the last `sent`, restarted on the
+/// same file: every message, every membership, the same epoch, and the next message
+/// takes the next seq.
+#[tokio::test]
+async fn a_sqlite_node_killed_after_sent_keeps_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("chat.db").display());
+    let mut node = ProcessNode::single(&url, &[]);
+    let mut alice = Client::connect_url(&node.ws_url("alice"), "alice").await;
+    let epoch = alice.welcome["epoch"].clone();
+    alice.join("lobby").await;
+    let mut bob = Client::connect_url(&node.ws_url("bob"), "bob").await;
+    bob.join("lobby").await;
+    let mut sent = Vec::new();
+    for i in 0..30 {
+        sent.push(
+            alice
+                .room("lobby", &format!("r{i}"), &format!("r{i}"))
+                .await["seq"]
+                .as_u64()
+                .unwrap(),
+        );
+    }
+    let dm = dms(&mut alice, "bob", 10, "d").await;
+    node.kill();
+    let node = ProcessNode::single(&url, &[]);
+    let mut alice = Client::connect_url(&node.ws_url("alice"), "alice").await;
+    assert_eq!(
+        alice.welcome["epoch"], epoch,
+        "the same database, the same epoch"
+    );
+    assert_eq!(alice.welcome["rooms"], json!(["lobby"]), "memberships kept");
+    let mut seen = Seen::default();
+    alice
+        .sync_into(&mut seen, &["room:lobby".into(), "dm:alice:bob".into()])
+        .await;
+    assert_eq!(
+        seen.convs["room:lobby"].iter().copied().collect::<Vec<_>>(),
+        sent
+    );
+    assert_eq!(
+        seen.convs["dm:alice:bob"]
+            .iter()
+            .copied()
+            .collect::<Vec<_>>(),
+        dm
+    );
+    let next = alice.room("lobby", "after the crash", "after").await;
+    assert_eq!(next["seq"], 31);
+    let again = alice.room("lobby", "r29", "r29").await;
+    assert_eq!(again["seq"], 30, "client ids survive the crash");
+    let mut bob = Client::connect_url(&node.ws_url("bob"), "bob").await;
+    bob.send(json!({"type":"history","conv":"room:lobby","limit":100}))
+        .await;
+    let h = bob.recv_type("history").await;
+    assert_eq!(h["messages"].as_array().unwrap().len(), 31);
+}
+
+/// Every node of a cluster SIGKILLed right after their last `sent`, restarted on the
+/// same database: everything is there, and seqs go on.
+#[tokio::test]
+async fn a_whole_cluster_killed_after_sent_loses_nothing() {
+    let env = ClusterEnv::start();
+    let mut nodes: Vec<ProcessNode> = ["n1", "n2", "n3"].iter().map(|n| env.process(n)).collect();
+    let mut expected: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let uid = format!("u{i}");
+        let mut c = Client::connect_url(&node.ws_url(&uid), &uid).await;
+        c.join("all").await;
+        for k in 0..15 {
+            let s = c
+                .room("all", &format!("{uid}-{k}"), &format!("{uid}-{k}"))
+                .await;
+            expected
+                .entry("room:all".into())
+                .or_default()
+                .push(s["seq"].as_u64().unwrap());
+        }
+        let to = format!("u{}", (i + 1) % 3);
+        let conv = chatmesh::protocol::dm_conv(&uid, &to);
+        expected
+            .entry(conv)
+            .or_default()
+            .extend(dms(&mut c, &to, 5, &uid).await);
+    }
+    for n in &mut nodes {
+        n.kill();
+    }
+    let nodes: Vec<ProcessNode> = ["n1", "n2", "n3"].iter().map(|n| env.process(n)).collect();
+    let mut seen = Seen::default();
+    let convs: Vec<String> = expected.keys().cloned().collect();
+    for (i, node) in nodes.iter().enumerate() {
+        let uid = format!("u{i}");
+        let mut c = Client::connect_url(&node.ws_url(&uid), &uid).await;
+        c.sync_into(&mut seen, &convs).await;
+    }
+    for (conv, mut seqs) in expected {
+        seqs.sort_unstable();
+        assert_eq!(
+            seen.convs[&conv].iter().copied().collect::<Vec<_>>(),
+            seqs,
+            "{conv}"
+        );
+    }
+    let mut c = Client::connect_url(&nodes[0].ws_url("u0"), "u0").await;
+    assert_eq!(c.room("all", "after", "after").await["seq"], 46);
+}
+
+/// Redis's data flushed while messages flow: nothing is lost (every recipient has
+/// every message, live or by the sync after its `resync`) and live delivery resumes.
+#[tokio::test]
+async fn flushall_mid_traffic_loses_nothing_and_live_delivery_resumes() {
+    let env = ClusterEnv::start();
+    let (a, b, c) = (env.node("node-a"), env.node("node-b"), env.node("node-c"));
+    let mut sender = Client::connect(&a, "sender").await;
+    sender.join("feed").await;
+    let mut readers = Vec::new();
+    for (uid, node) in [("rb", &b), ("rc", &c)] {
+        let mut r = Client::connect(node, uid).await;
+        r.join("feed").await;
+        readers.push(r);
+    }
+    let mut sent = BTreeMap::<String, BTreeSet<u64>>::new();
+    let mut seen = vec![Seen::default(), Seen::default()];
+    let mut conn = env.redis.connection();
+    for i in 0..200 {
+        if i == 100 {
+            let () = redis::cmd("FLUSHALL").query(&mut conn).unwrap();
+        }
+        let s = sender
+            .room("feed", &format!("f{i}"), &format!("f{i}"))
+            .await;
+        sent.entry("room:feed".into())
+            .or_default()
+            .insert(s["seq"].as_u64().unwrap());
+        let to = if i % 2 == 0 { "rb" } else { "rc" };
+        let s = sender.direct(to, &format!("d{i}"), &format!("d{i}")).await;
+        sent.entry(s["conv"].as_str().unwrap().to_owned())
+            .or_default()
+            .insert(s["seq"].as_u64().unwrap());
+        for (r, seen) in readers.iter_mut().zip(&mut seen) {
+            while let Some(f) = r.try_recv().await {
+                seen.record(&f);
+            }
+        }
+    }
+    // Each reader answers its resync with a sync, then has everything.
+    for ((r, seen), uid) in readers.iter_mut().zip(&mut seen).zip(["rb", "rc"]) {
+        let convs = vec![
+            "room:feed".to_string(),
+            chatmesh::protocol::dm_conv("sender", uid),
+        ];
+        let deadline = Instant::now() + common::WAIT;
+        while seen.resyncs == 0 {
+            assert!(Instant::now() < deadline, "{uid} was never told to resync");
+            let f = r.recv().await;
+            seen.record(&f);
+        }
+        r.sync_into(seen, &convs).await;
+        for conv in &convs {
+            assert_eq!(seen.convs.get(conv), sent.get(conv), "{uid} {conv}");
+        }
+    }
+    // And live delivery works again.
+    let s = sender.room("feed", "live again", "live").await;
+    for r in &mut readers {
+        loop {
+            let m = r.recv_type("message").await;
+            if m["seq"] == s["seq"] {
+                break;
+            }
+        }
+    }
+}
+
+/// 10,050 messages in one conversation of a cluster: all of them reachable through
+/// `history`, page by page back to the first.
+#[tokio::test]
+async fn ten_thousand_and_fifty_messages_are_all_in_history() {
+    let env = ClusterEnv::start();
+    let mut settings = env.settings("node-a");
+    settings.limits.rate_per_sec = 1e6;
+    settings.limits.rate_burst = 1e6;
+    let a = TestNode::start(settings);
+    let total = 10_050usize;
+    let writers = 10;
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let mut c = Client::connect(&a, &format!("w{w}")).await;
+        c.join("long").await;
+        tasks.push(tokio::spawn(async move {
+            let mine = total / writers;
+            for k in 0..mine {
+                c.send(json!({"type":"room","room":"long","body":format!("{w}-{k}"),"client_id":format!("{k}")}))
+                    .await;
+            }
+            let mut n = 0;
+            while n < mine {
+                if c.recv().await["type"] == "sent" {
+                    n += 1;
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut reader = Client::connect(&a, "w0").await;
+    let mut seqs = Vec::new();
+    let mut before: Option<u64> = None;
+    loop {
+        let mut q = json!({"type":"history","conv":"room:long","limit":100});
+        if let Some(b) = before {
+            q["before"] = json!(b);
+        }
+        reader.send(q).await;
+        let h = reader.recv_type("history").await;
+        let page: Vec<u64> = h["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["seq"].as_u64().unwrap())
+            .collect();
+        before = page.first().copied();
+        seqs.extend(page.into_iter().rev());
+        if h["more"] != true {
+            break;
+        }
+    }
+    seqs.reverse();
+    assert_eq!(seqs, (1..=total as u64).collect::<Vec<_>>());
+}
+
+/// A node frozen past the TTL while others send to its users: it is declared dead and
+/// its queue given up; after SIGCONT it finds itself expelled, writes its directory
+/// entries again and tells its connections to resync, after which they have every
+/// `sent` message.
+#[tokio::test]
+async fn a_node_frozen_past_the_ttl_resyncs_its_connections() {
+    let env = ClusterEnv::start();
+    let a = env.node("node-a");
+    let frozen = env.process("node-frozen");
+    let mut alice = Client::connect(&a, "alice").await;
+    alice.join("hall").await;
+    let mut bob = Client::connect_url(&frozen.ws_url("bob"), "bob").await;
+    bob.join("hall").await;
+    let mut seen = Seen::default();
+    let mut sent = BTreeMap::<String, BTreeSet<u64>>::new();
+    let mut record = |s: &Value| {
+        sent.entry(s["conv"].as_str().unwrap().to_owned())
+            .or_default()
+            .insert(s["seq"].as_u64().unwrap());
+    };
+    record(&alice.direct("bob", "before", "b0").await);
+    frozen.pause();
+    // declared dead: its users go offline for the others
+    alice.wait_online("bob", false).await;
+    for i in 0..20 {
+        record(
+            &alice
+                .direct("bob", &format!("d{i}"), &format!("d{i}"))
+                .await,
+        );
+        record(&alice.room("hall", &format!("h{i}"), &format!("h{i}")).await);
+    }
+    frozen.resume();
+    let deadline = Instant::now() + common::WAIT;
+    while seen.resyncs == 0 {
+        assert!(Instant::now() < deadline, "bob was never told to resync");
+        let f = bob.recv().await;
+        seen.record(&f);
+    }
+    let convs: Vec<String> = sent.keys().cloned().collect();
+    bob.sync_into(&mut seen, &convs).await;
+    for conv in &convs {
+        assert_eq!(seen.convs.get(conv), sent.get(conv), "{conv}");
+    }
+    // and the node is back in the cluster: live delivery to bob works
+    alice.wait_online("bob", true).await;
+    let s = alice.direct("bob", "live", "live").await;
+    loop {
+        let m = bob.recv_type("message").await;
+        if m["seq"] == s["seq"] {
+            break;
+        }
+    }
+}
+
+/// While Redis is frozen, a connection whose own requests wait on it (a join must be
+/// recorded in the directory) keeps receiving room messages, and afterwards gets its
+/// answers in the order it asked.
+#[tokio::test]
+async fn a_connection_waiting_on_a_paused_redis_keeps_receiving() {
+    let env = ClusterEnv::start();
+    // x's node waits long for Redis; y's node gives up on its look-ups quickly and
+    // sends to every peer instead.
+    let mut sa = env.settings("node-a");
+    sa.store_timeout = Duration::from_secs(8);
+    let a = TestNode::start(sa);
+    let mut sb = env.settings("node-b");
+    sb.store_timeout = Duration::from_millis(300);
+    let b = TestNode::start(sb);
+    let mut x = Client::connect(&a, "x").await;
+    x.join("busy").await;
+    let mut y = Client::connect(&b, "y").await;
+    y.join("busy").await;
+    env.redis.pause();
+    x.send(json!({"type":"join","room":"other"})).await;
+    x.send(json!({"type":"history","conv":"room:busy"})).await;
+    // y's messages are stored (PostgreSQL is fine) and reach x's node without the
+    // directory (every peer gets them when a look-up fails)
+    let mut sent = Vec::new();
+    for i in 0..5 {
+        sent.push(
+            y.room("busy", &format!("p{i}"), &format!("p{i}")).await["seq"]
+                .as_u64()
+                .unwrap(),
+        );
+    }
+    let mut got = Vec::new();
+    while got.len() < sent.len() {
+        let f = x.recv().await;
+        assert_eq!(
+            f["type"], "message",
+            "only messages until Redis is back: {f}"
+        );
+        got.push(f["seq"].as_u64().unwrap());
+    }
+    assert_eq!(got, sent);
+    env.redis.resume();
+    // Answers come in the order asked. Events may come between them: node-a was cut
+    // off from Redis for longer than a heartbeat, so it tells its connections to
+    // resync once it is back.
+    let mut answers = Vec::new();
+    while answers.len() < 2 {
+        let f = x.recv().await;
+        match f["type"].as_str() {
+            Some("message" | "resync") => {}
+            Some(t) => answers.push(t.to_owned()),
+            None => panic!("{f}"),
+        }
+    }
+    assert_eq!(answers, vec!["joined", "history"], "in the order asked");
+}
+
+/// A join on one node racing a connect of the same user on another: the new
+/// connection gets the room's messages live.
+#[tokio::test]
+async fn a_join_racing_a_connect_elsewhere_reaches_the_new_connection() {
+    let env = ClusterEnv::start();
+    let a = env.node("node-a");
+    let b = env.node("node-b");
+    let mut owner = Client::connect(&a, "owner").await;
+    let mut dave_a = Client::connect(&a, "dave").await;
+    for i in 0..15 {
+        let room = format!("r{i}");
+        owner.join(&room).await;
+        let join = async {
+            dave_a.join(&room).await;
+        };
+        let connect = Client::connect(&b, "dave");
+        let ((), mut dave_b) = tokio::join!(join, connect);
+        let s = owner.room(&room, "live?", &format!("m{i}")).await;
+        loop {
+            let f = dave_b.recv().await;
+            if f["type"] == "message" {
+                assert_eq!(f["seq"], s["seq"], "round {i}");
+                break;
+            }
+        }
+        dave_b.close().await;
+        let _ = dave_a.drain().await;
+    }
+}
+
+/// SIGTERM: the node closes its sessions, and the members of its users' rooms on
+/// other nodes see them go offline.
+#[tokio::test]
+async fn sigterm_announces_the_nodes_users_offline() {
+    let env = ClusterEnv::start();
+    let a = env.node("node-a");
+    let mut p = env.process("node-p");
+    let mut alice = Client::connect(&a, "alice").await;
+    alice.join("lobby").await;
+    let mut bob = Client::connect_url(&p.ws_url("bob"), "bob").await;
+    bob.join("lobby").await;
+    alice.wait_online("bob", true).await;
+    assert_eq!(p.terminate(), Some(0));
+    assert_eq!(bob.expect_close().await.0, Some(CloseCode::Restart));
+    loop {
+        let f = alice.recv_type("presence").await;
+        if f["uid"] == "bob" {
+            assert_eq!(
+                f,
+                json!({"type":"presence","room":"lobby","uid":"bob","online":false})
+            );
+            break;
+        }
+    }
+}
+
+/// A reading client is never closed, neither by a presence storm (150 members of its
+/// three rooms coming online at once) nor by a 512-message peer batch.
+#[tokio::test]
+async fn a_reading_client_survives_a_presence_storm_and_a_peer_burst() {
+    let env = ClusterEnv::start();
+    let mut sa = env.settings("node-a");
+    sa.limits.live_room_size = 1000;
+    sa.api_key = Some("k".into());
+    let mut sb = env.settings("node-b");
+    sb.limits.live_room_size = 1000;
+    let (a, b) = (TestNode::start(sa), TestNode::start(sb));
+    let rooms = ["s1", "s2", "s3"];
+    // 150 members, joined once
+    for i in 0..150 {
+        let mut c = Client::connect(&a, &format!("m{i}")).await;
+        for r in rooms {
+            c.join(r).await;
+        }
+    }
+    let mut reader = Client::connect(&b, "reader").await;
+    for r in rooms {
+        reader.join(r).await;
+    }
+    // all 150 come online at once, on the other node
+    let names: Vec<String> = (0..150).map(|i| format!("m{i}")).collect();
+    let crowd = futures_util::future::join_all(names.iter().map(|n| Client::connect(&a, n))).await;
+    // and 512 messages land in one room at once (one POST to node-b)
+    let mut tasks = Vec::new();
+    for i in 0..512 {
+        let url = format!("{}/api/messages", a.base);
+        tasks.push(tokio::spawn(async move {
+            common::http(
+                "POST",
+                &url,
+                &[("Authorization", "Bearer k")],
+                Some(&json!({"from":"system","room":"s1","body":format!("burst {i}"),"client_id":format!("c{i}")}).to_string()),
+            )
+            .await
+            .unwrap()
+            .status
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    let mut seen = Seen::default();
+    let deadline = Instant::now() + common::WAIT;
+    while seen.convs.get("room:s1").map_or(0, |s| s.len()) < 512 {
+        assert!(Instant::now() < deadline, "the burst did not arrive");
+        match reader.next_event().await {
+            common::Event::Frame(f) => {
+                if f["type"] == "resync" {
+                    reader.sync_into(&mut seen, &["room:s1".into()]).await;
+                }
+                seen.record(&f);
+            }
+            common::Event::Closed(code) => panic!("a reading client was closed: {code:?}"),
+        }
+    }
+    assert_eq!(b.metric("chatmesh_slow_consumers_closed_total"), 0.0);
+    drop(crowd);
+}
