@@ -584,12 +584,17 @@ impl Chat {
         uid: &str,
         limit: Option<u64>,
         before: Option<u64>,
+        before_conv: Option<String>,
     ) -> Result<(Vec<InboxItem>, bool), ChatError> {
         let limit = match limit {
             None => INBOX_DEFAULT,
             Some(0) => return Err(ChatError::Invalid("limit must be at least 1".into())),
             Some(l) => (l as usize).min(INBOX_MAX),
         };
+        let before = before.map(|ts| crate::store::InboxCursor {
+            ts,
+            conv: before_conv,
+        });
         let inbox = self.call(self.store.inbox(uid, limit, before)).await?;
         let items = inbox
             .conversations

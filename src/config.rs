@@ -109,7 +109,8 @@ pub struct Layer {
     /// Frames refused with rate_limited before a flooding connection is closed (1008) [default: 50]
     #[arg(long, env = "CHATMESH_FLOOD_STRIKES")]
     pub flood_strikes: Option<f64>,
-    /// Frames waiting for one connection; a full queue closes it with 1008 [default: 256]
+    /// Live messages waiting for one connection; beyond it new ones are dropped and the
+    /// connection is told to resync (it is never closed for this) [default: 1024]
     #[arg(long, env = "CHATMESH_OUTBOUND_QUEUE")]
     pub outbound_queue: Option<usize>,
     /// Comma-separated allowed Origins for /ws, or * [default: same host]
@@ -320,7 +321,7 @@ impl Settings {
             rate_per_sec: positive("rate_per_sec", l.rate_per_sec.unwrap_or(100.0))?,
             rate_burst: positive("rate_burst", l.rate_burst.unwrap_or(200.0))?,
             flood_strikes: positive("flood_strikes", l.flood_strikes.unwrap_or(50.0))?,
-            outbound_queue: l.outbound_queue.unwrap_or(256).max(1),
+            outbound_queue: l.outbound_queue.unwrap_or(1024).max(1),
             live_room_size: l.live_room_size.unwrap_or(100),
         };
         let store = StoreLimits {

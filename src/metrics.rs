@@ -13,6 +13,7 @@ use crate::protocol::ErrorCode;
 pub struct Metrics {
     registry: Registry,
     pub connections: IntGauge,
+    pub connections_closed: IntCounter,
     pub messages_stored: IntCounter,
     pub deliveries: IntCounter,
     pub peer_posts: IntCounter,
@@ -27,6 +28,7 @@ pub struct Metrics {
     pub slow_consumers: IntCounter,
     pub flooders: IntCounter,
     pub resyncs: IntCounter,
+    pub mailbox_full: IntCounter,
     pub outbox_dropped: IntCounter,
 }
 
@@ -78,6 +80,10 @@ impl Metrics {
         }
         Metrics {
             connections: gauge("chatmesh_connections", "open websocket connections"),
+            connections_closed: counter(
+                "chatmesh_connections_closed_total",
+                "websocket connections that ended, for any reason",
+            ),
             messages_stored: counter(
                 "chatmesh_messages_stored_total",
                 "messages stored by this node (resends not counted)",
@@ -130,6 +136,10 @@ impl Metrics {
             resyncs: counter(
                 "chatmesh_resyncs_total",
                 "connections told to resync (resync frames queued) because they may have missed live messages",
+            ),
+            mailbox_full: counter(
+                "chatmesh_mailbox_full_total",
+                "messages an actor's bounded mailbox (or the directory upkeep queue) refused at once",
             ),
             outbox_dropped: counter(
                 "chatmesh_outbox_dropped_total",

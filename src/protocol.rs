@@ -136,6 +136,9 @@ pub enum ClientFrame {
         limit: Option<u64>,
         #[serde(default)]
         before: Option<u64>,
+        /// The conversation shown last, so ties on `before` page exactly.
+        #[serde(default)]
+        before_conv: Option<String>,
     },
     Read {
         conv: String,

@@ -79,6 +79,7 @@ impl<H> Registry<H> {
 
     pub fn disconnect(&mut self, sid: SessionId) -> Option<Departure> {
         let entry = self.sessions.remove(&sid)?;
+        self.shrink();
         let uid = entry.uid;
         let sids = self.users.get_mut(&uid)?;
         sids.retain(|s| *s != sid);
@@ -108,6 +109,20 @@ impl<H> Registry<H> {
             rooms,
             vacated,
         })
+    }
+
+    /// Hash maps keep their capacity when entries go: after a storm of connections has
+    /// gone, give the memory back (amortised: only when a map is mostly empty).
+    fn shrink(&mut self) {
+        fn shrink<K: std::hash::Hash + Eq, V>(m: &mut HashMap<K, V>) {
+            if m.capacity() > 64 && m.len() * 4 < m.capacity() {
+                m.shrink_to(m.len() * 2);
+            }
+        }
+        shrink(&mut self.sessions);
+        shrink(&mut self.users);
+        shrink(&mut self.rooms);
+        shrink(&mut self.user_rooms);
     }
 
     /// Records a new membership of a user who may be online here; true when the room

@@ -413,7 +413,13 @@ impl Handler<Disconnect> for ChatServer {
                     uid: departure.uid.clone(),
                     rooms: self.small_rooms(&departure.rooms),
                 }];
-                changes.extend(departure.vacated.into_iter().map(LocalChange::RoomVacated));
+                changes.extend(
+                    departure
+                        .vacated
+                        .iter()
+                        .cloned()
+                        .map(LocalChange::RoomVacated),
+                );
                 sink.record(changes, None);
             }
             None => {
@@ -422,6 +428,11 @@ impl Handler<Disconnect> for ChatServer {
                 }
                 self.presence_changed(&departure.uid, false);
             }
+        }
+        // Sizes are kept for rooms with members here; forgotten only after they served
+        // the announcement above.
+        for room in &departure.vacated {
+            self.room_sizes.remove(room);
         }
     }
 }
@@ -439,9 +450,11 @@ impl Handler<Membership> for ChatServer {
                 .join(&msg.uid, &msg.room)
                 .then(|| LocalChange::RoomOccupied(msg.room.clone()))
         } else {
-            self.registry
-                .leave(&msg.uid, &msg.room)
-                .then(|| LocalChange::RoomVacated(msg.room.clone()))
+            let vacated = self.registry.leave(&msg.uid, &msg.room);
+            if vacated {
+                self.room_sizes.remove(&msg.room);
+            }
+            vacated.then(|| LocalChange::RoomVacated(msg.room.clone()))
         };
         if was != msg.joined {
             let frame = if msg.joined {

@@ -280,6 +280,25 @@ async fn invalid_utf8_closes_with_1007_and_protocol_errors_with_1002() {
     assert_eq!(code, Some(CloseCode::Protocol));
 }
 
+/// After a clean close handshake the server closes the TCP connection at once.
+#[tokio::test]
+async fn tcp_closes_promptly_after_the_close_handshake() {
+    let node = TestNode::start(settings());
+    let mut c = Client::connect(&node, "alice").await;
+    c.send_raw(tokio_tungstenite::tungstenite::Message::Close(None))
+        .await;
+    let (code, _) = c.expect_close().await;
+    assert_eq!(code, Some(CloseCode::Normal));
+    let deadline = std::time::Instant::now() + Duration::from_millis(300);
+    while c.tcp_state() == 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "TCP still ESTABLISHED 300 ms after the close handshake"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 #[tokio::test]
 async fn silent_client_is_dropped() {
     let mut s = settings();

@@ -313,9 +313,10 @@ async fn inbox(alice_node: &TestNode, bob_node: &TestNode) {
     assert_eq!(page["conversations"][0]["read"], 3);
     assert_eq!(page["more"], true);
     let ts = page["conversations"][0]["last"]["ts"].clone();
+    let conv = page["conversations"][0]["conv"].clone();
     let rest = ask(
         &mut alice,
-        json!({"type":"inbox","limit":5,"before":ts}),
+        json!({"type":"inbox","limit":5,"before":ts,"before_conv":conv}),
         &["inbox"],
     )
     .await;

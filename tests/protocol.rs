@@ -273,6 +273,116 @@ async fn sync_with_and_without_cursors_pages_by_100() {
     assert_eq!(synced["more"], json!([]));
 }
 
+/// A sync answer is bounded: it reads at most a page of conversations, and `more`
+/// lists every conversation not yet complete, reached or not.
+#[tokio::test]
+async fn sync_is_paged_over_conversations_and_starts_after_the_delivered_mark() {
+    let mut s = settings();
+    s.limits.rate_burst = 1000.0;
+    let node = TestNode::start(s);
+    let mut alice = Client::connect(&node, "alice").await;
+    let page = chatmesh::chat::SYNC_CONVS;
+    let total = page + 5;
+    for i in 0..total {
+        alice
+            .direct(&format!("p{i:02}"), "hi", &format!("k{i}"))
+            .await;
+    }
+    let mut bob_view = Client::connect(&node, "p00").await;
+    bob_view.send(json!({"type":"sync","cursors":{}})).await;
+    let synced = bob_view.recv_type("synced").await;
+    assert_eq!(synced["more"], json!([]), "one conversation: complete");
+    // alice has `total` conversations: one page of them, and the rest in `more`
+    let cursors: serde_json::Map<String, Value> = (0..total)
+        .map(|i| {
+            (
+                chatmesh::protocol::dm_conv("alice", &format!("p{i:02}")),
+                json!(0),
+            )
+        })
+        .collect();
+    alice
+        .send(json!({"type":"sync","cursors":cursors.clone()}))
+        .await;
+    let mut convs = std::collections::BTreeSet::new();
+    let synced = loop {
+        let f = alice.recv().await;
+        if f["type"] == "synced" {
+            break f;
+        }
+        convs.insert(f["conv"].as_str().unwrap().to_owned());
+    };
+    assert_eq!(convs.len(), page, "one page of conversations");
+    let more: std::collections::BTreeSet<String> = synced["more"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(more.len(), total - page, "{synced}");
+    assert!(more.is_disjoint(&convs));
+    // Sending marks the sender's own messages delivered: without a cursor, sync starts
+    // after that mark, so alice gets nothing she sent herself.
+    alice.send(json!({"type":"sync"})).await;
+    let first = alice.recv().await;
+    assert_eq!(first, json!({"type":"synced","more":[]}));
+    // bob marks seq 1 of a longer conversation delivered: sync then starts after it
+    for i in 0..3 {
+        alice
+            .direct("p00", &format!("more{i}"), &format!("m{i}"))
+            .await;
+    }
+    for _ in 0..3 {
+        bob_view.recv_type("message").await; // live
+    }
+    bob_view
+        .send(json!({"type":"delivered","conv":"dm:alice:p00","seq":2}))
+        .await;
+    bob_view.send(json!({"type":"sync"})).await;
+    let mut seqs = Vec::new();
+    loop {
+        let f = bob_view.recv().await;
+        match f["type"].as_str() {
+            Some("synced") => break,
+            Some("message") => seqs.push(f["seq"].as_u64().unwrap()),
+            _ => {}
+        }
+    }
+    assert_eq!(seqs, vec![3, 4], "after the stored delivered mark");
+}
+
+/// Room presence events go only to rooms up to the live bound.
+#[tokio::test]
+async fn room_presence_only_for_rooms_within_the_live_bound() {
+    let mut s = settings();
+    s.limits.live_room_size = 2;
+    let node = TestNode::start(s);
+    let mut alice = Client::connect(&node, "alice").await;
+    alice.join("pair").await;
+    alice.join("crowd").await;
+    for u in ["bob", "carol"] {
+        let mut c = Client::connect(&node, u).await;
+        c.join("crowd").await;
+        if u == "bob" {
+            c.join("pair").await;
+        }
+        c.close().await;
+    }
+    let _setup = alice.drain().await;
+    // bob's first connection: pair (2 members) hears it, crowd (3) does not
+    let _bob = Client::connect(&node, "bob").await;
+    let events: Vec<Value> = alice
+        .drain()
+        .await
+        .into_iter()
+        .filter(|f| f["type"] == "presence" && f.get("room").is_some())
+        .collect();
+    assert_eq!(
+        events,
+        vec![json!({"type":"presence","room":"pair","uid":"bob","online":true})]
+    );
+}
+
 #[tokio::test]
 async fn history_pages_backwards_and_is_private() {
     let mut s = settings();

@@ -313,7 +313,15 @@ impl ClusterBridge {
                     self.cfg.node_id
                 );
             }
-            let _ = self.server.try_send(Reconcile { resync_after: true });
+            if self
+                .server
+                .try_send(Reconcile { resync_after: true })
+                .is_err()
+            {
+                // Asked again at the next heartbeat (the directory stays dirty).
+                self.metrics.mailbox_full.inc();
+                self.upkeep.dirty.store(true, Ordering::SeqCst);
+            }
         }
         let mut gone = outcome.gone;
         // A queue for a node that never appeared in the table since it was made.

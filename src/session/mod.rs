@@ -499,9 +499,13 @@ impl WsSession {
                     Err(e) => act.chat_error(&e, None),
                 },
             ),
-            ClientFrame::Inbox { limit, before } => self.run(
+            ClientFrame::Inbox {
+                limit,
+                before,
+                before_conv,
+            } => self.run(
                 ctx,
-                async move { chat.inbox(&uid, limit, before).await },
+                async move { chat.inbox(&uid, limit, before, before_conv).await },
                 |act, r| match r {
                     Ok((conversations, more)) => act.write(ServerFrame::Inbox {
                         conversations: &conversations,
@@ -862,10 +866,12 @@ impl Actor for WsSession {
 
     fn stopping(&mut self, _: &mut Self::Context) -> Running {
         self.chat.metrics.connections.dec();
+        self.chat.metrics.connections_closed.inc();
         // Sent even if registration never finished: the ChatServer ignores a session it
         // does not know, and one whose Connect is still queued is removed right after.
         let disconnect = Disconnect { sid: self.sid };
         if let Err(SendError::Full(d)) = self.chat.server.try_send(disconnect) {
+            self.chat.metrics.mailbox_full.inc();
             let server = self.chat.server.clone();
             actix_web::rt::spawn(async move {
                 let _ = server.send(d).await;

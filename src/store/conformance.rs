@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{
-    By, Change, MarkKind, NewMessage, NewRoom, Range, ReadRequest, Refusal, Role, RoomCreation,
-    Store, StoreError, StoreLimits,
+    By, Change, InboxCursor, MarkKind, NewMessage, NewRoom, Range, ReadRequest, Refusal, Role,
+    RoomCreation, Store, StoreError, StoreLimits,
 };
 use crate::protocol::{now_ms, Message};
 
@@ -1000,10 +1000,34 @@ async fn inbox_newest_first_with_unread_counts(store: Arc<dyn Store>) {
         .as_ref()
         .map(|m| m.ts)
         .expect("a last message");
-    let rest = store.inbox("alice", 2, Some(ts)).await.unwrap();
+    let cursor = InboxCursor {
+        ts,
+        conv: Some(first.conversations[1].conv.clone()),
+    };
+    let rest = store.inbox("alice", 2, Some(cursor)).await.unwrap();
     let convs: Vec<&str> = rest.conversations.iter().map(|e| e.conv.as_str()).collect();
     assert_eq!(convs, vec!["dm:alice:bob", "room:quiet"]);
     assert!(!rest.more);
+    // two conversations whose newest messages share a millisecond, across a page
+    // boundary: the cursor's conversation tells them apart
+    let ts = now_ms() + 60_000;
+    for other in ["x1", "x2"] {
+        let mut m = dm(other, "zed", "same ms", None);
+        m.ts = ts;
+        store.append(m).await.unwrap();
+    }
+    let one = store.inbox("zed", 1, None).await.unwrap();
+    assert_eq!(
+        one.conversations[0].conv, "dm:x1:zed",
+        "ties by conversation id"
+    );
+    let cursor = InboxCursor {
+        ts,
+        conv: Some("dm:x1:zed".into()),
+    };
+    let two = store.inbox("zed", 1, Some(cursor)).await.unwrap();
+    assert_eq!(two.conversations[0].conv, "dm:x2:zed");
+    assert!(!two.more);
 }
 
 async fn retention_purges_old_messages(store: Arc<dyn Store>) {

@@ -12,9 +12,9 @@ use async_trait::async_trait;
 
 use super::rules::{self, AppendView, JoinPlan, RoomView, Target, UserView};
 use super::{
-    Added, Appended, By, Change, ConvState, Inbox, InboxEntry, Joined, MarkKind, NewMessage,
-    NewRoom, Page, Purged, Range, ReadRequest, Receipt, Removed, Role, RoomInfo, Store, StoreError,
-    StoreLimits, UserRoom,
+    Added, Appended, By, Change, ConvState, Inbox, InboxCursor, InboxEntry, Joined, MarkKind,
+    NewMessage, NewRoom, Page, Purged, Range, ReadRequest, Receipt, Removed, Role, RoomInfo, Store,
+    StoreError, StoreLimits, UserRoom,
 };
 use crate::protocol::{now_ms, room_conv, Conv, Message};
 
@@ -488,7 +488,7 @@ impl Store for MemoryStore {
         &self,
         uid: &str,
         limit: usize,
-        before: Option<u64>,
+        before: Option<InboxCursor>,
     ) -> Result<Inbox, StoreError> {
         let inner = self.lock();
         let mut rows: Vec<(Option<u64>, &String)> = inner
@@ -497,8 +497,8 @@ impl Store for MemoryStore {
             .into_iter()
             .flatten()
             .map(|c| (inner.convs.get(c).and_then(|d| d.last_ts), c))
-            .filter(|(ts, _)| match (before, ts) {
-                (Some(b), Some(ts)) => *ts < b,
+            .filter(|(ts, conv)| match (&before, ts) {
+                (Some(b), Some(ts)) => b.admits(*ts, conv),
                 // Paging on by ts: conversations without a message come after all.
                 (Some(_), None) => true,
                 (None, _) => true,

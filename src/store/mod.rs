@@ -285,6 +285,21 @@ pub struct InboxEntry {
     pub unread: u64,
 }
 
+/// Where an inbox page starts: after the conversation shown last, whose newest message
+/// has `ts`. Without `conv`, after every conversation with a message at `ts` or later.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboxCursor {
+    pub ts: u64,
+    pub conv: Option<String>,
+}
+
+impl InboxCursor {
+    /// Whether a conversation whose newest message has `ts` comes after this cursor.
+    pub fn admits(&self, ts: u64, conv: &str) -> bool {
+        ts < self.ts || (ts == self.ts && self.conv.as_deref().is_some_and(|c| conv > c))
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Inbox {
     pub conversations: Vec<InboxEntry>,
@@ -375,13 +390,14 @@ pub trait Store: Send + Sync {
     async fn conversations(&self, uid: &str) -> Result<Vec<ConvState>, StoreError>;
     /// Reads several conversations in one go.
     async fn read(&self, requests: Vec<ReadRequest>) -> Result<Vec<Page>, StoreError>;
-    /// `uid`'s conversations, the one with the newest message first; `before` pages on
-    /// by the `ts` of the last one shown. Conversations without a message come last.
+    /// `uid`'s conversations, the one with the newest message first (ties by
+    /// conversation id); `before` pages on after the last one shown. Conversations
+    /// without a message come last.
     async fn inbox(
         &self,
         uid: &str,
         limit: usize,
-        before: Option<u64>,
+        before: Option<InboxCursor>,
     ) -> Result<Inbox, StoreError>;
 
     /// Moves a mark forward. Answers the new value, or None when `seq` is not above

@@ -40,9 +40,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::rules::{self, AppendView, JoinPlan, RoomView, Target, UserView};
 use super::{
-    Added, Appended, By, Change, ConvState, Inbox, Joined, MarkKind, NewMessage, NewRoom, Page,
-    Purged, ReadRequest, Receipt, Refusal, Removed, Role, RoomInfo, Store, StoreError, StoreLimits,
-    UserRoom,
+    Added, Appended, By, Change, ConvState, Inbox, InboxCursor, Joined, MarkKind, NewMessage,
+    NewRoom, Page, Purged, ReadRequest, Receipt, Refusal, Removed, Role, RoomInfo, Store,
+    StoreError, StoreLimits, UserRoom,
 };
 use crate::protocol::{now_ms, room_conv, Conv, Message};
 
@@ -182,7 +182,7 @@ pub trait Dialect: Send + Sync + 'static {
         c: &mut Conn<Self>,
         uid: &str,
         limit: usize,
-        before: Option<u64>,
+        before: Option<InboxCursor>,
     ) -> SqlResult<Inbox>;
     async fn receipts(c: &mut Conn<Self>, conv: &str) -> SqlResult<Vec<Receipt>>;
     async fn rooms_of(c: &mut Conn<Self>, uid: &str) -> SqlResult<Vec<UserRoom>>;
@@ -933,7 +933,7 @@ where
         &self,
         uid: &str,
         limit: usize,
-        before: Option<u64>,
+        before: Option<InboxCursor>,
     ) -> Result<Inbox, StoreError> {
         let mut c = self.reader().await?;
         D::inbox(&mut c, uid, limit, before).await.map_err(map_err)

@@ -21,8 +21,8 @@ use super::{
 use crate::protocol::{room_conv, Message};
 use crate::store::rules::{RoomView, Target, UserView};
 use crate::store::{
-    ConvState, Inbox, InboxEntry, Page, Purged, Range, ReadRequest, Receipt, Role, RoomInfo,
-    StoreError, StoreLimits, UserRoom,
+    ConvState, Inbox, InboxCursor, InboxEntry, Page, Purged, Range, ReadRequest, Receipt, Role,
+    RoomInfo, StoreError, StoreLimits, UserRoom,
 };
 
 /// Reader connections per node.
@@ -409,7 +409,7 @@ dialect!(PgDialect, sqlx::Postgres, " FOR UPDATE", {
         c: &mut Conn<Self>,
         uid: &str,
         limit: usize,
-        before: Option<u64>,
+        before: Option<InboxCursor>,
     ) -> SqlResult<Inbox> {
         // The page of conversations first, then the last message and the unread count
         // of just those.
@@ -417,7 +417,8 @@ dialect!(PgDialect, sqlx::Postgres, " FOR UPDATE", {
             "WITH page AS ( \
                SELECT m.conv, m.read_seq, c.last_seq, c.last_ts FROM members m \
                LEFT JOIN conversations c ON c.conv = m.conv \
-               WHERE m.uid = $1 AND ($2::bigint IS NULL OR c.last_ts IS NULL OR c.last_ts < $2) \
+               WHERE m.uid = $1 AND ($2::bigint IS NULL OR c.last_ts IS NULL OR c.last_ts < $2 \
+                  OR (c.last_ts = $2 AND m.conv > $4::text)) \
                ORDER BY c.last_ts DESC NULLS LAST, m.conv LIMIT $3) \
              SELECT p.conv, p.read_seq, \
                (SELECT count(*) FROM messages u WHERE u.conv = p.conv AND u.seq > p.read_seq \
@@ -430,8 +431,9 @@ dialect!(PgDialect, sqlx::Postgres, " FOR UPDATE", {
         );
         let rows = sqlx::query(&sql)
             .bind(uid)
-            .bind(before.map(|b| b as i64))
+            .bind(before.as_ref().map(|b| b.ts as i64))
             .bind(limit as i64 + 1)
+            .bind(before.and_then(|b| b.conv))
             .fetch_all(&mut *c)
             .await?;
         let more = rows.len() > limit;

@@ -22,8 +22,8 @@ use super::{
 use crate::protocol::{room_conv, Message};
 use crate::store::rules::{RoomView, Target, UserView};
 use crate::store::{
-    ConvState, Inbox, InboxEntry, Page, Purged, Range, ReadRequest, Receipt, Role, RoomInfo,
-    StoreError, StoreLimits, UserRoom,
+    ConvState, Inbox, InboxCursor, InboxEntry, Page, Purged, Range, ReadRequest, Receipt, Role,
+    RoomInfo, StoreError, StoreLimits, UserRoom,
 };
 
 /// Reader connections (WAL lets them read while the writer writes).
@@ -309,17 +309,19 @@ dialect!(SqliteDialect, sqlx::Sqlite, "", {
         c: &mut Conn<Self>,
         uid: &str,
         limit: usize,
-        before: Option<u64>,
+        before: Option<InboxCursor>,
     ) -> SqlResult<Inbox> {
         let rows: Vec<(String, i64, Option<i64>)> = sqlx::query_as(
             "SELECT m.conv, m.read_seq, c.last_seq FROM members m \
              LEFT JOIN conversations c ON c.conv = m.conv \
-             WHERE m.uid = $1 AND ($2 IS NULL OR c.last_ts IS NULL OR c.last_ts < $2) \
+             WHERE m.uid = $1 AND ($2 IS NULL OR c.last_ts IS NULL OR c.last_ts < $2 \
+                OR (c.last_ts = $2 AND m.conv > $4)) \
              ORDER BY c.last_ts IS NULL, c.last_ts DESC, m.conv LIMIT $3",
         )
         .bind(uid)
-        .bind(opt_i64(before))
+        .bind(before.as_ref().map(|b| b.ts as i64))
         .bind(limit as i64 + 1)
+        .bind(before.and_then(|b| b.conv))
         .fetch_all(&mut *c)
         .await?;
         let more = rows.len() > limit;
