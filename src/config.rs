@@ -62,7 +62,8 @@ pub struct Layer {
     /// cluster mode) or memory: (lost at exit) [default: sqlite://chatmesh.db]
     #[arg(long, env = "CHATMESH_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
-    /// Redis URL (redis:// or redis+unix://); set means cluster mode
+    /// Redis URL (redis:// or redis+unix://), or a Redis Cluster's seed URLs separated by
+    /// commas; set means cluster mode
     #[arg(long, env = "CHATMESH_REDIS_URL")]
     pub redis_url: Option<String>,
     /// Shared secret of the peer API; required in cluster mode

@@ -22,12 +22,17 @@
 //!   differ still agree on who is dead.
 //! - **Heartbeats have their own connection** with a short timeout, so a slow directory
 //!   write never delays a heartbeat past the TTL.
+//! - **A Redis Cluster works the same.** `--redis-url` listing several seed nodes
+//!   connects to a cluster; commands are batched in one pipeline on a single Redis and in
+//!   one pipeline per hash slot on a cluster ([`Steps`]), keeping the order above.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Pipeline, RedisError, Script, Value};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::Slot;
+use redis::{Cmd, RedisError, RedisFuture, Script, Value};
 
 use crate::keys;
 use crate::store::StoreError;
@@ -104,9 +109,134 @@ pub struct Timeouts {
     pub heartbeat: Duration,
 }
 
+/// One Redis server, or a Redis Cluster.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Commands to send together, in order. On a single Redis they go as one pipeline; on
+/// a cluster a pipeline may only hold one hash slot, so they go as one pipeline per
+/// slot, phase by phase (phase 0 before 1 before 2), and a command that touches a key
+/// an earlier command of the batch touched starts a new round, so what must come first
+/// still does.
+#[derive(Default)]
+struct Steps {
+    steps: Vec<(Cmd, Option<String>, u8)>,
+}
+
+impl Steps {
+    fn push(&mut self, cmd: Cmd, key: Option<String>, phase: u8) {
+        self.steps.push((cmd, key, phase));
+    }
+
+    fn is_empty(&self) -> bool {
+        self.steps.is_empty()
+    }
+
+    /// Every command's reply, in order.
+    async fn run(self, conn: &Conn) -> Result<Vec<Value>, StoreError> {
+        if self.steps.is_empty() {
+            return Ok(Vec::new());
+        }
+        match conn {
+            Conn::Single(c) => {
+                let mut pipe = redis::pipe();
+                for (cmd, _, _) in &self.steps {
+                    pipe.add_command(cmd.clone());
+                }
+                pipe.query_async(&mut c.clone()).await.map_err(unavailable)
+            }
+            Conn::Cluster(c) => run_on_cluster(c, self.steps).await,
+        }
+    }
+}
+
+async fn run_on_cluster(
+    conn: &ClusterConnection,
+    steps: Vec<(Cmd, Option<String>, u8)>,
+) -> Result<Vec<Value>, StoreError> {
+    let mut replies: Vec<Option<Value>> = vec![None; steps.len()];
+    // Rounds: a key seen again starts the next one.
+    let mut rounds: Vec<Vec<usize>> = vec![Vec::new()];
+    let mut seen = std::collections::HashSet::new();
+    for (i, (_, key, _)) in steps.iter().enumerate() {
+        if let Some(k) = key {
+            if !seen.insert(k.clone()) {
+                rounds.push(Vec::new());
+                seen.clear();
+                seen.insert(k.clone());
+            }
+        }
+        if let Some(round) = rounds.last_mut() {
+            round.push(i);
+        }
+    }
+    for round in rounds {
+        for phase in 0..3u8 {
+            let mut by_slot: HashMap<Option<Slot>, Vec<usize>> = HashMap::new();
+            for &i in &round {
+                if steps[i].2 == phase {
+                    let slot = steps[i].1.as_ref().map(Slot::for_key);
+                    by_slot.entry(slot).or_default().push(i);
+                }
+            }
+            let pipelines = by_slot.into_values().map(|idx| {
+                let mut pipe = redis::pipe();
+                for &i in &idx {
+                    pipe.add_command(steps[i].0.clone());
+                }
+                let mut conn = conn.clone();
+                async move {
+                    let r: Result<Vec<Value>, RedisError> = pipe.query_async(&mut conn).await;
+                    (idx, r)
+                }
+            });
+            for (idx, r) in futures_util::future::join_all(pipelines).await {
+                for (i, v) in idx.into_iter().zip(r.map_err(unavailable)?) {
+                    replies[i] = Some(v);
+                }
+            }
+        }
+    }
+    Ok(replies
+        .into_iter()
+        .map(|v| v.unwrap_or(Value::Nil))
+        .collect())
+}
+
 pub struct Directory {
-    conn: ConnectionManager,
-    beat: ConnectionManager,
+    conn: Conn,
+    beat: Conn,
     node_id: String,
     heartbeat: Script,
 }
@@ -115,7 +245,28 @@ fn unavailable(e: RedisError) -> StoreError {
     StoreError::Unavailable(format!("redis: {e}"))
 }
 
-async fn connect(url: &str, timeout: Duration) -> Result<ConnectionManager, StoreError> {
+/// `url` is one Redis URL, or several separated by commas: the seed nodes of a Redis
+/// Cluster.
+async fn connect(url: &str, timeout: Duration) -> Result<Conn, StoreError> {
+    let attempt = timeout.saturating_mul(4);
+    if url.contains(',') {
+        let seeds: Vec<&str> = url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect();
+        let client = redis::cluster::ClusterClientBuilder::new(seeds)
+            .connection_timeout(timeout)
+            .response_timeout(timeout)
+            .retries(2)
+            .build()
+            .map_err(|e| StoreError::Unavailable(format!("bad redis cluster urls {url:?}: {e}")))?;
+        let conn = tokio::time::timeout(attempt, client.get_async_connection())
+            .await
+            .map_err(|_| StoreError::Timeout(attempt))?
+            .map_err(unavailable)?;
+        return Ok(Conn::Cluster(conn));
+    }
     let client = redis::Client::open(url)
         .map_err(|e| StoreError::Unavailable(format!("bad redis url {url:?}: {e}")))?;
     let config = ConnectionManagerConfig::new()
@@ -123,17 +274,25 @@ async fn connect(url: &str, timeout: Duration) -> Result<ConnectionManager, Stor
         .set_response_timeout(Some(timeout))
         .set_number_of_retries(2)
         .set_max_delay(timeout);
-    tokio::time::timeout(
-        timeout.saturating_mul(4),
-        ConnectionManager::new_with_config(client, config),
-    )
-    .await
-    .map_err(|_| StoreError::Timeout(timeout.saturating_mul(4)))?
-    .map_err(unavailable)
+    let manager = tokio::time::timeout(attempt, ConnectionManager::new_with_config(client, config))
+        .await
+        .map_err(|_| StoreError::Timeout(attempt))?
+        .map_err(unavailable)?;
+    Ok(Conn::Single(manager))
 }
 
-fn eval(pipe: &mut Pipeline, lua: &str, key: String, member: &str) {
-    pipe.cmd("EVAL").arg(lua).arg(1).arg(key).arg(member);
+/// A one-key script, sent with its text (no script cache to lose).
+fn eval(steps: &mut Steps, lua: &str, key: String, member: &str, phase: u8) {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(lua).arg(1).arg(&key).arg(member);
+    steps.push(cmd, Some(key), phase);
+}
+
+/// `NAME key member`.
+fn set_cmd(steps: &mut Steps, name: &str, key: String, member: &str, phase: u8) {
+    let mut cmd = redis::cmd(name);
+    cmd.arg(&key).arg(member);
+    steps.push(cmd, Some(key), phase);
 }
 
 /// `{flag, count}` from [`ADD_LUA`] / [`REMOVE_LUA`].
@@ -166,13 +325,12 @@ impl Directory {
     pub async fn heartbeat(&self, advertise: &str, ttl_ms: u64) -> Result<Heartbeat, StoreError> {
         let mut beat = self.beat.clone();
         // The address first: a node is never live without one.
-        let () = redis::cmd("HSET")
+        redis::cmd("HSET")
             .arg(keys::node_addrs())
             .arg(&self.node_id)
             .arg(advertise)
             .query_async::<i64>(&mut beat)
             .await
-            .map(|_| ())
             .map_err(unavailable)?;
         let (existed, live, dead): (i64, Vec<String>, Vec<String>) = self
             .heartbeat
@@ -203,60 +361,57 @@ impl Directory {
         })
     }
 
-    /// Applies this node's changes in order, in one round trip.
+    /// Applies this node's changes in order, in one round trip (on a cluster: one per
+    /// hash slot).
     pub async fn apply(&self, ops: &[DirOp]) -> Result<Vec<Transition>, StoreError> {
         if ops.is_empty() {
             return Ok(Vec::new());
         }
         let me = &self.node_id;
-        let mut pipe = redis::pipe();
+        let mut steps = Steps::default();
+        // Where each op's script reply is.
+        let mut at = Vec::with_capacity(ops.len());
         for op in ops {
             match op {
                 DirOp::UserOnline(uid) => {
-                    pipe.sadd(keys::node_users(me), uid).ignore();
-                    eval(&mut pipe, ADD_LUA, keys::user_nodes(uid), me);
+                    set_cmd(&mut steps, "SADD", keys::node_users(me), uid, 0);
+                    at.push(Some(steps.steps.len()));
+                    eval(&mut steps, ADD_LUA, keys::user_nodes(uid), me, 1);
                 }
                 DirOp::UserOffline(uid) => {
-                    eval(&mut pipe, REMOVE_LUA, keys::user_nodes(uid), me);
-                    pipe.srem(keys::node_users(me), uid).ignore();
+                    at.push(Some(steps.steps.len()));
+                    eval(&mut steps, REMOVE_LUA, keys::user_nodes(uid), me, 1);
+                    set_cmd(&mut steps, "SREM", keys::node_users(me), uid, 2);
                 }
                 DirOp::RoomOccupied(room) => {
-                    pipe.sadd(keys::node_rooms(me), room).ignore();
-                    pipe.sadd(keys::room_nodes(room), me).ignore();
+                    at.push(None);
+                    set_cmd(&mut steps, "SADD", keys::node_rooms(me), room, 0);
+                    set_cmd(&mut steps, "SADD", keys::room_nodes(room), me, 1);
                 }
                 DirOp::RoomVacated(room) => {
-                    pipe.srem(keys::room_nodes(room), me).ignore();
-                    pipe.srem(keys::node_rooms(me), room).ignore();
+                    at.push(None);
+                    set_cmd(&mut steps, "SREM", keys::room_nodes(room), me, 1);
+                    set_cmd(&mut steps, "SREM", keys::node_rooms(me), room, 2);
                 }
             }
         }
-        let replies: Vec<Value> = pipe
-            .query_async(&mut self.conn.clone())
-            .await
-            .map_err(unavailable)?;
-        let mut replies = replies.iter();
-        let mut out = Vec::with_capacity(ops.len());
-        for op in ops {
-            let t = match op {
-                DirOp::UserOnline(_) => match replies.next().and_then(flag_and_count) {
-                    Some((true, 1)) => Transition::FirstAnywhere,
-                    Some(_) => Transition::None,
-                    None => return Err(StoreError::Corrupt("bad reply to a directory add".into())),
-                },
-                DirOp::UserOffline(_) => match replies.next().and_then(flag_and_count) {
-                    Some((true, 0)) => Transition::GoneEverywhere,
-                    Some(_) => Transition::None,
-                    None => {
+        let replies = steps.run(&self.conn).await?;
+        ops.iter()
+            .zip(at)
+            .map(|(op, at)| {
+                let reply = at.and_then(|i| replies.get(i));
+                Ok(match (op, reply.and_then(flag_and_count)) {
+                    (DirOp::UserOnline(_), Some((true, 1))) => Transition::FirstAnywhere,
+                    (DirOp::UserOffline(_), Some((true, 0))) => Transition::GoneEverywhere,
+                    (DirOp::UserOnline(_) | DirOp::UserOffline(_), None) => {
                         return Err(StoreError::Corrupt(
-                            "bad reply to a directory removal".into(),
+                            "bad reply to a directory update".into(),
                         ))
                     }
-                },
-                DirOp::RoomOccupied(_) | DirOp::RoomVacated(_) => Transition::None,
-            };
-            out.push(t);
-        }
-        Ok(out)
+                    _ => Transition::None,
+                })
+            })
+            .collect()
     }
 
     /// Makes this node's entries exactly `users` and `rooms`: adds what is missing
@@ -268,32 +423,43 @@ impl Directory {
         rooms: &BTreeSet<String>,
     ) -> Result<(), StoreError> {
         let me = &self.node_id;
-        let (had_users, had_rooms): (BTreeSet<String>, BTreeSet<String>) = redis::pipe()
-            .smembers(keys::node_users(me))
-            .smembers(keys::node_rooms(me))
-            .query_async(&mut self.conn.clone())
-            .await
-            .map_err(unavailable)?;
-        let mut pipe = redis::pipe();
+        let mut read = Steps::default();
+        read.push(
+            redis::cmd("SMEMBERS").arg(keys::node_users(me)).clone(),
+            Some(keys::node_users(me)),
+            0,
+        );
+        read.push(
+            redis::cmd("SMEMBERS").arg(keys::node_rooms(me)).clone(),
+            Some(keys::node_rooms(me)),
+            0,
+        );
+        let had = read.run(&self.conn).await?;
+        let set = |v: Option<&Value>| -> Result<BTreeSet<String>, StoreError> {
+            v.map(redis::from_redis_value_ref)
+                .transpose()
+                .map_err(|e| StoreError::Corrupt(e.to_string()))
+                .map(Option::unwrap_or_default)
+        };
+        let (had_users, had_rooms) = (set(had.first())?, set(had.get(1))?);
+        let mut steps = Steps::default();
         for uid in users {
-            pipe.sadd(keys::node_users(me), uid).ignore();
-            pipe.sadd(keys::user_nodes(uid), me).ignore();
+            set_cmd(&mut steps, "SADD", keys::node_users(me), uid, 0);
+            set_cmd(&mut steps, "SADD", keys::user_nodes(uid), me, 1);
         }
         for uid in had_users.difference(users) {
-            pipe.srem(keys::user_nodes(uid), me).ignore();
-            pipe.srem(keys::node_users(me), uid).ignore();
+            set_cmd(&mut steps, "SREM", keys::user_nodes(uid), me, 1);
+            set_cmd(&mut steps, "SREM", keys::node_users(me), uid, 2);
         }
         for room in rooms {
-            pipe.sadd(keys::node_rooms(me), room).ignore();
-            pipe.sadd(keys::room_nodes(room), me).ignore();
+            set_cmd(&mut steps, "SADD", keys::node_rooms(me), room, 0);
+            set_cmd(&mut steps, "SADD", keys::room_nodes(room), me, 1);
         }
         for room in had_rooms.difference(rooms) {
-            pipe.srem(keys::room_nodes(room), me).ignore();
-            pipe.srem(keys::node_rooms(me), room).ignore();
+            set_cmd(&mut steps, "SREM", keys::room_nodes(room), me, 1);
+            set_cmd(&mut steps, "SREM", keys::node_rooms(me), room, 2);
         }
-        pipe.query_async::<()>(&mut self.conn.clone())
-            .await
-            .map_err(unavailable)
+        steps.run(&self.conn).await.map(|_| ())
     }
 
     /// The nodes holding connections of each user.
@@ -311,18 +477,19 @@ impl Directory {
         &self,
         keys: impl Iterator<Item = String>,
     ) -> Result<Vec<Vec<String>>, StoreError> {
-        let mut pipe = redis::pipe();
-        let mut n = 0;
+        let mut steps = Steps::default();
         for key in keys {
-            pipe.smembers(key);
-            n += 1;
+            steps.push(redis::cmd("SMEMBERS").arg(&key).clone(), Some(key), 0);
         }
-        if n == 0 {
+        if steps.is_empty() {
             return Ok(Vec::new());
         }
-        pipe.query_async(&mut self.conn.clone())
-            .await
-            .map_err(unavailable)
+        steps
+            .run(&self.conn)
+            .await?
+            .iter()
+            .map(|v| redis::from_redis_value_ref(v).map_err(|e| StoreError::Corrupt(e.to_string())))
+            .collect()
     }
 
     /// Whether each node heartbeat within `ttl_ms`, judged by Redis's clock now (a
@@ -331,12 +498,15 @@ impl Directory {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let ((secs, micros), scores): ((u64, u64), Vec<Option<f64>>) = redis::pipe()
-            .cmd("TIME")
-            .cmd("ZMSCORE")
+        let mut conn = self.conn.clone();
+        let (secs, micros): (u64, u64) = redis::cmd("TIME")
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let scores: Vec<Option<f64>> = redis::cmd("ZMSCORE")
             .arg(keys::nodes())
             .arg(ids)
-            .query_async(&mut self.conn.clone())
+            .query_async(&mut conn)
             .await
             .map_err(unavailable)?;
         let cutoff = (secs * 1000 + micros / 1000).saturating_sub(ttl_ms) as f64;
@@ -365,27 +535,45 @@ impl Directory {
     /// meanwhile finds itself missing at its next heartbeat and writes its entries
     /// again.
     pub async fn remove_node(&self, id: &str) -> Result<Vec<String>, StoreError> {
-        let (users, rooms): (Vec<String>, Vec<String>) = redis::pipe()
-            .smembers(keys::node_users(id))
-            .smembers(keys::node_rooms(id))
-            .query_async(&mut self.conn.clone())
-            .await
-            .map_err(unavailable)?;
-        let mut pipe = redis::pipe();
+        let mut read = Steps::default();
+        read.push(
+            redis::cmd("SMEMBERS").arg(keys::node_users(id)).clone(),
+            Some(keys::node_users(id)),
+            0,
+        );
+        read.push(
+            redis::cmd("SMEMBERS").arg(keys::node_rooms(id)).clone(),
+            Some(keys::node_rooms(id)),
+            0,
+        );
+        let had = read.run(&self.conn).await?;
+        let list = |v: Option<&Value>| -> Result<Vec<String>, StoreError> {
+            v.map(redis::from_redis_value_ref)
+                .transpose()
+                .map_err(|e| StoreError::Corrupt(e.to_string()))
+                .map(Option::unwrap_or_default)
+        };
+        let (users, rooms) = (list(had.first())?, list(had.get(1))?);
+        let mut steps = Steps::default();
         for uid in &users {
-            eval(&mut pipe, REMOVE_LUA, keys::user_nodes(uid), id);
+            eval(&mut steps, REMOVE_LUA, keys::user_nodes(uid), id, 0);
         }
         for room in &rooms {
-            pipe.srem(keys::room_nodes(room), id).ignore();
+            set_cmd(&mut steps, "SREM", keys::room_nodes(room), id, 0);
         }
-        pipe.del(keys::node_users(id)).ignore();
-        pipe.del(keys::node_rooms(id)).ignore();
-        pipe.hdel(keys::node_addrs(), id).ignore();
-        pipe.zrem(keys::nodes(), id).ignore();
-        let replies: Vec<Value> = pipe
-            .query_async(&mut self.conn.clone())
-            .await
-            .map_err(unavailable)?;
+        steps.push(
+            redis::cmd("DEL").arg(keys::node_users(id)).clone(),
+            Some(keys::node_users(id)),
+            1,
+        );
+        steps.push(
+            redis::cmd("DEL").arg(keys::node_rooms(id)).clone(),
+            Some(keys::node_rooms(id)),
+            1,
+        );
+        set_cmd(&mut steps, "HDEL", keys::node_addrs(), id, 1);
+        set_cmd(&mut steps, "ZREM", keys::nodes(), id, 2);
+        let replies = steps.run(&self.conn).await?;
         Ok(users
             .into_iter()
             .zip(replies.iter())

@@ -155,3 +155,125 @@ fn spawn(dir: &Path, socket: &Path, aof: bool) -> Child {
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run {binary:?} (is redis-server installed?): {e}"))
 }
+
+/// A private Redis Cluster of three primaries on loopback ports (a cluster needs TCP:
+/// its nodes talk over a bus on port + 10000). Killed when dropped.
+pub struct RedisCluster {
+    /// The seed URLs, comma-separated, as `--redis-url` takes them.
+    pub url: String,
+    pub ports: Vec<u16>,
+    children: Vec<Child>,
+    _dir: tempfile::TempDir,
+}
+
+/// A loopback port that is free, and whose cluster bus port (+10000) is free too.
+fn cluster_port() -> u16 {
+    loop {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        if port < 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
+impl RedisCluster {
+    pub fn start() -> RedisCluster {
+        let dir = tempfile::TempDir::new().expect("temporary directory for the cluster");
+        let binary = std::env::var_os("REDIS_SERVER").unwrap_or_else(|| "redis-server".into());
+        let mut ports = Vec::new();
+        let mut children = Vec::new();
+        for i in 0..3 {
+            let port = cluster_port();
+            let node_dir = dir.path().join(format!("n{i}"));
+            std::fs::create_dir_all(&node_dir).expect("node dir");
+            let child = Command::new(&binary)
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "5000"])
+                .args(["--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(&node_dir)
+                .arg("--logfile")
+                .arg(node_dir.join("redis.log"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot run {binary:?}: {e}"));
+            ports.push(port);
+            children.push(child);
+        }
+        let cluster = RedisCluster {
+            url: ports
+                .iter()
+                .map(|p| format!("redis://127.0.0.1:{p}"))
+                .collect::<Vec<_>>()
+                .join(","),
+            ports,
+            children,
+            _dir: dir,
+        };
+        cluster.wait(|info| info.is_some(), "answer");
+        let cli = std::env::var_os("REDIS_CLI").unwrap_or_else(|| "redis-cli".into());
+        let out = Command::new(&cli)
+            .arg("--cluster")
+            .arg("create")
+            .args(cluster.ports.iter().map(|p| format!("127.0.0.1:{p}")))
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {cli:?} (redis-tools): {e}"));
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        cluster.wait(
+            |info| info.is_some_and(|i| i.contains("cluster_state:ok")),
+            "report cluster_state:ok",
+        );
+        cluster
+    }
+
+    /// Waits until every node's CLUSTER INFO satisfies `ok`.
+    fn wait(&self, ok: impl Fn(Option<&str>) -> bool, what: &str) {
+        let deadline = Instant::now() + START_DEADLINE;
+        loop {
+            let all = self.ports.iter().all(|p| {
+                let info = ::redis::Client::open(format!("redis://127.0.0.1:{p}"))
+                    .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)))
+                    .and_then(|mut c| ::redis::cmd("CLUSTER").arg("INFO").query::<String>(&mut c))
+                    .ok();
+                ok(info.as_deref())
+            });
+            if all {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the Redis Cluster did not {what} within {START_DEADLINE:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Empties every primary (the cluster keeps its shape).
+    pub fn flush(&self) {
+        for p in &self.ports {
+            let mut c = ::redis::Client::open(format!("redis://127.0.0.1:{p}"))
+                .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(5)))
+                .expect("connect to a cluster node");
+            let () = ::redis::cmd("FLUSHALL").query(&mut c).expect("FLUSHALL");
+        }
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
