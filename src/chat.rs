@@ -45,7 +45,9 @@ pub enum ChatError {
     TooLarge { len: usize, max: usize },
     #[error("{0}")]
     Refused(Refusal),
-    #[error("store unavailable, retry with the same client_id: {0}")]
+    /// A send that gets this may or may not have been stored: resend it with the same
+    /// client id.
+    #[error("unavailable, try again (a message: with the same client_id): {0}")]
     Unavailable(String),
 }
 

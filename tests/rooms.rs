@@ -411,3 +411,35 @@ async fn the_room_routes_of_the_server_api() {
     .await;
     assert_eq!(r.status, 400);
 }
+
+/// Many users on three nodes join the same new room at the same moment: the first
+/// creates it, everyone else joins it, and nobody gets an error.
+#[tokio::test]
+async fn simultaneous_first_joins_of_a_new_room_all_succeed() {
+    let env = ClusterEnv::start();
+    let nodes = [env.node("n1"), env.node("n2"), env.node("n3")];
+    for round in 0..5 {
+        let room = format!("fresh{round}");
+        let mut clients = Vec::new();
+        for i in 0..12 {
+            clients.push(Client::connect(&nodes[i % 3], &format!("u{i}")).await);
+        }
+        for c in &mut clients {
+            c.send(json!({"type":"join","room":room})).await;
+        }
+        let mut owners = 0;
+        for c in &mut clients {
+            let j = c.recv_type_of(&["joined", "error"]).await;
+            assert_eq!(j["type"], "joined", "round {round}: {j}");
+            owners += usize::from(j["role"] == "owner");
+        }
+        assert_eq!(owners, 1, "round {round}: one creator");
+        let e = ask(
+            &mut clients[0],
+            json!({"type":"create","room":room}),
+            &["joined", "error"],
+        )
+        .await;
+        assert_eq!(code(&e), "conflict", "{e}");
+    }
+}

@@ -158,7 +158,10 @@ pub trait Dialect: Send + Sync + 'static {
     async fn room(c: &mut Conn<Self>, room: &str, lock: bool) -> SqlResult<RoomView>;
     async fn user_view(c: &mut Conn<Self>, room: &str, uid: &str) -> SqlResult<UserView>;
     async fn role(c: &mut Conn<Self>, conv: &str, uid: &str) -> SqlResult<Option<Role>>;
-    async fn insert_room(c: &mut Conn<Self>, room: &str, private: bool, ts: u64) -> SqlResult<()>;
+    /// Inserts the room; false (and nothing written) if it exists, which a concurrent
+    /// creator on another node may have just committed.
+    async fn insert_room(c: &mut Conn<Self>, room: &str, private: bool, ts: u64)
+        -> SqlResult<bool>;
     /// Adds a member (marks at the newest message: nothing before counts as unread)
     /// or changes their role.
     async fn put_member(c: &mut Conn<Self>, conv: &str, uid: &str, role: Role) -> SqlResult<()>;
@@ -660,10 +663,20 @@ where
     let now = now_ms();
     Ok(match op {
         Op::Join { uid, room } => {
-            let r = D::room(c, room, true).await?;
-            let u = D::user_view(c, room, uid).await?;
             let conv = room_conv(room);
-            match rules::decide_join(limits, room, &r, &u) {
+            // The room's lock first, then what the rules read: a ban committed by
+            // another node before we got the lock is seen.
+            let mut r = D::room(c, room, true).await?;
+            let mut u = D::user_view(c, room, uid).await?;
+            let mut plan = rules::decide_join(limits, room, &r, &u);
+            if plan == Ok(JoinPlan::Create) && !D::insert_room(c, room, false, now).await? {
+                // Another node created it a moment ago: its row is there now (the
+                // insert waited for that commit), so this is a join of its room.
+                r = D::room(c, room, true).await?;
+                u = D::user_view(c, room, uid).await?;
+                plan = rules::decide_join(limits, room, &r, &u);
+            }
+            match plan {
                 Err(refusal) => Err(refusal),
                 Ok(JoinPlan::Nothing(role)) => Ok(Done::Joined(Joined {
                     changed: false,
@@ -674,9 +687,6 @@ where
                 })),
                 Ok(plan) => {
                     let created = plan == JoinPlan::Create;
-                    if created {
-                        D::insert_room(c, room, false, now).await?;
-                    }
                     let role = if created { Role::Owner } else { Role::Member };
                     D::put_member(c, &conv, uid, role).await?;
                     let members = D::adjust_members(c, room, 1).await?;
@@ -699,8 +709,11 @@ where
             }
             match rules::decide_create(limits, by, &room.room, r.exists, &counts) {
                 Err(refusal) => Err(refusal),
+                Ok(()) if !D::insert_room(c, &room.room, room.private, now).await? => {
+                    // Another node created it a moment ago.
+                    Err(Refusal::Conflict(format!("room {} exists", room.room)))
+                }
                 Ok(()) => {
-                    D::insert_room(c, &room.room, room.private, now).await?;
                     let conv = room_conv(&room.room);
                     for (uid, role) in &initial {
                         D::put_member(c, &conv, uid, *role).await?;
@@ -1094,16 +1107,17 @@ macro_rules! dialect {
                 room: &str,
                 private: bool,
                 ts: u64,
-            ) -> SqlResult<()> {
-                sqlx::query(
-                    "INSERT INTO rooms (room, private, created_ts, members) VALUES ($1, $2, $3, 0)",
+            ) -> SqlResult<bool> {
+                let done = sqlx::query(
+                    "INSERT INTO rooms (room, private, created_ts, members) VALUES ($1, $2, $3, 0) \
+                     ON CONFLICT (room) DO NOTHING",
                 )
                 .bind(room)
                 .bind(private)
                 .bind(ts as i64)
                 .execute(&mut *c)
                 .await?;
-                Ok(())
+                Ok(done.rows_affected() == 1)
             }
 
             async fn put_member(
