@@ -184,7 +184,7 @@ spawn() { # spawn LOGFILE COMMAND...
 say "runtime directory $dir"
 # Unix socket in $dir/pg only, no TCP port. Each node keeps up to 5 connections.
 pg_start "$dir/pg" "$dir/postgres.log" "max_connections=$((NODES * 5 > 80 ? NODES * 5 + 20 : 100))" ||
-    die "PostgreSQL did not start (its log: $dir/postgres.log)"
+    die "PostgreSQL did not start (KEEP=1 keeps its log, $dir/postgres.log)"
 pg_create_db chatmesh || die "could not create the database"
 database_url=$(pg_url chatmesh)
 say "PostgreSQL $(pg_version) ready on $dir/pg, database chatmesh"
