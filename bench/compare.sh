@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# chatmesh vs Socket.IO 4 on this machine: three nodes each on one redis-server, the same
+# chatmesh vs Socket.IO 4 on this machine: three chatmesh nodes in cluster mode on one
+# PostgreSQL (their store of record) and one redis-server (their registry and directory),
+# three Socket.IO processes on the same redis-server (its adapter's pub/sub); the same
 # scenarios and loads measured by one client (chatmesh-bench), then a side-by-side table.
 #
 #   bench/compare.sh                  # idle, direct and room at fixed loads
@@ -7,12 +9,16 @@
 #                                     # sustainable rate (p99 < 50 ms, zero loss)
 #   bench/compare.sh --quick          # short smoke run (small loads, 5 s windows)
 #
-# Options: --chatmesh-mode auto|cluster|single (auto: cluster, or one node if cluster mode
-# does not start), --only-find-max, --out DIR. Loads are environment variables, see below.
-# Everything listens on 127.0.0.1; every process started here is stopped on exit.
+# Options: --chatmesh-mode auto|cluster|single (auto: cluster, or one node on SQLite if
+# cluster mode does not start), --only-find-max, --out DIR. Loads and PostgreSQL's
+# settings are environment variables, see below. Redis and PostgreSQL are private to the
+# run (PostgreSQL on a unix socket only); the servers listen on 127.0.0.1; every process
+# started here is stopped on exit.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=SCRIPTDIR/../scripts/local-postgres.sh
+source "$ROOT/scripts/local-postgres.sh"
 FIND_MAX=0
 FIXED=1
 MODE=auto
@@ -25,7 +31,7 @@ while [ $# -gt 0 ]; do
         --quick) QUICK=1 ;;
         --chatmesh-mode) MODE=$2; shift ;;
         --out) OUT=$2; shift ;;
-        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
     shift
@@ -54,11 +60,18 @@ fi
 : "${ROOM_MAX_RATES:=5 7.5 11 17 25 38 57 85 128 192 288 432}"  # per sender, x (members-1) deliveries/s
 : "${CHATMESH_WORKERS:=1}"  # HTTP worker threads per chatmesh node
 : "${CHATMESH_LOG:=warn}"    # RUST_LOG of the chatmesh nodes (info logs every connection)
+# PostgreSQL runs with its defaults (every commit flushed to disk before chatmesh says
+# `sent`) except for these; e.g. PG_SYNCHRONOUS_COMMIT=off to commit without waiting for
+# the flush (a crash of the machine can then lose the last few hundred ms of messages).
+: "${PG_SYNCHRONOUS_COMMIT:=on}"
+: "${PG_MAX_CONNECTIONS:=100}"  # each chatmesh node keeps at most 5
 
 OUT=${OUT:-$ROOT/bench/results/$(date -u +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 TMP=$(mktemp -d /tmp/chatmesh-compare.XXXXXX)
+# As root, PostgreSQL runs as the postgres user, which must reach its directory in here.
+[ "$(id -u)" != 0 ] || chmod 711 "$TMP"
 LOG="$OUT/compare.log"
 exec > >(tee -a "$LOG") 2>&1
 
@@ -67,6 +80,7 @@ REDIS_PID=""
 cleanup() {
     local rc=$?
     stop_all || true
+    pg_stop 20 || true
     if [ -n "$REDIS_PID" ]; then
         kill "$REDIS_PID" 2>/dev/null || true
         wait "$REDIS_PID" 2>/dev/null || true
@@ -115,13 +129,14 @@ need=()
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v curl >/dev/null || need+=(curl)
 command -v node >/dev/null || need+=(nodejs npm)
+if [ "$MODE" != single ] && ! _pg_find_bin 2>/dev/null; then need+=(postgresql); fi
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 (cd "$ROOT/bench/peers/socketio" && npm ci --no-audit --no-fund --loglevel=error)
-(cd "$ROOT" && cargo build --release --bin chatmesh --bin chatmesh-bench)
+(cd "$ROOT" && cargo build --release -p chatmesh -p chatmesh-bench)
 # cargo puts the binaries under CARGO_TARGET_DIR when it is set (relative to $ROOT, where
 # cargo ran).
 TARGET_DIR=${CARGO_TARGET_DIR:-target}
@@ -137,14 +152,18 @@ if [ "$NOFILE" != unlimited ] && [ "$IDLE_CONNS" -gt $((NOFILE - 500)) ]; then
     IDLE_CONNS=$((NOFILE - 500))
 fi
 
+PG_VERSION=-
+if [ "$MODE" != single ]; then PG_VERSION=$(pg_version 2>/dev/null || echo missing); fi
+
 say "machine"
 echo "date:     $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 echo "commit:   $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet 2>/dev/null || echo ' (with local changes)')"
 echo "cpu:      $(nproc) x $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
 echo "memory:   $(free -h | awk '/^Mem:/ {print $2 " total, " $7 " available"}')"
 echo "load avg: $(cut -d' ' -f1-3 /proc/loadavg) (before the run)"
-echo "versions: redis $(redis-server --version | sed 's/.*v=\([^ ]*\).*/\1/'), node $(node --version), socket.io $(node -p 'require("'"$ROOT"'/bench/peers/socketio/node_modules/socket.io/package.json").version'), $(rustc --version)"
+echo "versions: redis $(redis-server --version | sed 's/.*v=\([^ ]*\).*/\1/'), postgresql $PG_VERSION, node $(node --version), socket.io $(node -p 'require("'"$ROOT"'/bench/peers/socketio/node_modules/socket.io/package.json").version'), $(rustc --version)"
 echo "loads:    duration ${DURATION}s + warm-up ${WARMUP}s; idle $IDLE_CONNS; direct $DIRECT_USERS users x $DIRECT_RATE/s; room 1 x $ROOM_MEMBERS members, $ROOM_SENDERS sender(s) x $ROOM_RATE/s"
+[ "$MODE" = single ] || echo "postgres: synchronous_commit=$PG_SYNCHRONOUS_COMMIT, max_connections=$PG_MAX_CONNECTIONS, otherwise defaults; data in $TMP/pg"
 echo "results:  $OUT"
 
 # ---------------------------------------------------------------- redis
@@ -157,6 +176,25 @@ for _ in $(seq 50); do redis-cli -p "$RPORT" ping >/dev/null 2>&1 && break; slee
 redis-cli -p "$RPORT" ping >/dev/null || { echo "redis-server did not start"; exit 1; }
 # Redis is stopped last, by the EXIT trap.
 
+# ---------------------------------------------------------------- postgresql
+# chatmesh's store of record in cluster mode: a fresh cluster (initdb) on a unix socket
+# in $TMP/pg, no TCP port. Stopped by the EXIT trap.
+DATABASE_URL=""
+PG_NOTE=""
+if [ "$MODE" != single ]; then
+    if pg_start "$TMP/pg" "$TMP/postgres.log" "synchronous_commit=$PG_SYNCHRONOUS_COMMIT" \
+        "max_connections=$PG_MAX_CONNECTIONS" && pg_create_db chatmesh; then
+        DATABASE_URL=$(pg_url chatmesh)
+        PG_NOTE="PostgreSQL $PG_VERSION (synchronous_commit=$PG_SYNCHRONOUS_COMMIT)"
+        echo "postgresql ready: $DATABASE_URL"
+    elif [ "$MODE" = cluster ]; then
+        echo "PostgreSQL did not start (cluster mode needs it)"
+        exit 1
+    else
+        echo "PostgreSQL did not start: chatmesh cannot run in cluster mode"
+    fi
+fi
+
 # ---------------------------------------------------------------- servers
 TARGETS=""
 PIDARGS=()
@@ -167,7 +205,11 @@ start_chatmesh() {
     local mode=$1 n=3 secret
     secret=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
     [ "$mode" = single ] && n=1
+    if [ "$mode" = cluster ] && [ -z "$DATABASE_URL" ]; then return 1; fi
     TARGETS=""; PIDARGS=(--pid "redis=$REDIS_PID")
+    # PostgreSQL's CPU counts whole: chatmesh-bench adds a watched process's children
+    # (one backend per connection) to it.
+    if [ "$mode" = cluster ]; then PIDARGS+=(--pid "postgres=$PG_PID"); fi
     local i
     for i in $(seq $n); do
         local p q args
@@ -177,7 +219,12 @@ start_chatmesh() {
               # three nodes share two cores: one HTTP worker each, as each Socket.IO
               # node is one Node.js process
               --workers "$CHATMESH_WORKERS")
-        [ "$mode" = cluster ] && args+=(--redis-url "$REDIS_URL" --cluster-secret "$secret")
+        if [ "$mode" = cluster ]; then
+            args+=(--redis-url "$REDIS_URL" --cluster-secret "$secret" --database-url "$DATABASE_URL")
+        else
+            # one node: the embedded store, as a single node runs by default
+            args+=(--database-url "sqlite://$TMP/chatmesh-single.db")
+        fi
         RUST_LOG=$CHATMESH_LOG "$CHATMESH" "${args[@]}" >"$TMP/chatmesh-$i.log" 2>&1 &
         local pid=$!
         PIDS+=("$pid")
@@ -273,6 +320,10 @@ try_step() {
 # ensure_up SYSTEM: after an overload, restart the system's servers if any of them died.
 ensure_up() {
     local system=$1 p dead=0
+    if [ "$system" = chatmesh ] && [ "$CM_MODE" = cluster ] && ! kill -0 "$PG_PID" 2>/dev/null; then
+        echo "  PostgreSQL exited (its log: $OUT/postgres.log); cannot go on"
+        exit 1
+    fi
     for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null || dead=1; done
     [ $dead = 0 ] && return 0
     echo "  a $system process exited under overload (its log is kept in $OUT): restarting $system"
@@ -323,7 +374,7 @@ if [ "$MODE" = auto ] || [ "$MODE" = cluster ]; then
     if start_chatmesh cluster; then
         CM_MODE=cluster
     elif [ "$MODE" = auto ]; then
-        echo "cluster mode did not start: falling back to ONE chatmesh node (not comparable to 3 Socket.IO nodes)"
+        echo "cluster mode did not start: falling back to ONE chatmesh node on SQLite (not comparable to 3 Socket.IO nodes)"
         CM_MODE=single
         start_chatmesh single
     else
@@ -332,7 +383,7 @@ if [ "$MODE" = auto ] || [ "$MODE" = cluster ]; then
 else
     start_chatmesh single
 fi
-[ "$CM_MODE" = single ] && SYSTEM_NOTE+=("chatmesh ran as ONE node (no cluster mode): its direct pairs are not cross-node")
+[ "$CM_MODE" = single ] && SYSTEM_NOTE+=("chatmesh ran as ONE node on SQLite (no cluster mode): its direct pairs are not cross-node")
 run_system chatmesh
 stop_all
 redis-cli -p "$RPORT" flushall >/dev/null
@@ -347,7 +398,11 @@ redis-cli -p "$RPORT" flushall >/dev/null
 # ---------------------------------------------------------------- table
 say "comparison"
 {
-    echo "chatmesh: $CM_MODE ($( [ "$CM_MODE" = cluster ] && echo 3 || echo 1 ) node(s)); socket.io: 3 processes; one redis-server; all on 127.0.0.1"
+    if [ "$CM_MODE" = cluster ]; then
+        echo "chatmesh: cluster (3 nodes) on $PG_NOTE and redis-server; socket.io: 3 processes on the same redis-server; all on 127.0.0.1"
+    else
+        echo "chatmesh: single (1 node, SQLite); socket.io: 3 processes on one redis-server; all on 127.0.0.1"
+    fi
     for n in "${SYSTEM_NOTE[@]+"${SYSTEM_NOTE[@]}"}"; do echo "NOTE: $n"; done
     "$BENCH" compare "$OUT"/*.json
 } | tee "$OUT/table.md"

@@ -1,55 +1,85 @@
 #!/usr/bin/env bash
 # Where the machine's time goes while chatmesh carries a load: three release nodes in
-# cluster mode on one redis-server (as in compare.sh), chatmesh-bench offering the load,
-# and a system-wide `perf record` of 5 s in the middle of the run. Prints the run's
-# result, then each party's share of the machine split into kernel and user time.
+# cluster mode on one PostgreSQL and one redis-server (as in compare.sh), chatmesh-bench
+# offering the load, and a system-wide `perf record` of 5 s in the middle of the run.
+# Prints the run's result, then each party's share of the machine split into kernel and
+# user time.
 #
 #   bench/profile.sh direct 15     # 1000 users in pairs, 15 msg/s each (15,000 msg/s)
 #   bench/profile.sh room 128      # one room of 1000, one sender at 128 msg/s
 #
-# Needs perf (Debian: linux-perf), redis-server and a release build
-# (cargo build --release --bin chatmesh --bin chatmesh-bench). The perf data is kept
-# in bench/results/profile-<scenario>.data for `perf report -i`.
+# Needs perf (Debian: linux-perf), redis-server, PostgreSQL's server programs (Debian:
+# postgresql; PG_BIN to choose; as root it runs as the postgres user) and a release build
+# (cargo build --release -p chatmesh -p chatmesh-bench). PostgreSQL runs with its
+# defaults except PG_SYNCHRONOUS_COMMIT (on), as in compare.sh. The perf data is kept in
+# bench/results/profile-<scenario>.data for `perf report -i`.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=SCRIPTDIR/../scripts/local-postgres.sh
+source "$ROOT/scripts/local-postgres.sh"
 SCENARIO=${1:?scenario: direct or room}
 RATE=${2:?rate per sender}
 case "$SCENARIO" in direct|room) ;; *) echo "scenario: direct or room" >&2; exit 2 ;; esac
 TARGET_DIR=${CARGO_TARGET_DIR:-target}
 case "$TARGET_DIR" in /*) ;; *) TARGET_DIR=$ROOT/$TARGET_DIR ;; esac
 BIN=$TARGET_DIR/release
+: "${PG_SYNCHRONOUS_COMMIT:=on}"
 command -v perf >/dev/null || { echo "perf is missing (apt-get install linux-perf)" >&2; exit 2; }
-[ -x "$BIN/chatmesh" ] && [ -x "$BIN/chatmesh-bench" ] || { echo "build first: cargo build --release --bin chatmesh --bin chatmesh-bench" >&2; exit 2; }
+if [ ! -x "$BIN/chatmesh" ] || [ ! -x "$BIN/chatmesh-bench" ]; then
+    echo "build first: cargo build --release -p chatmesh -p chatmesh-bench" >&2
+    exit 2
+fi
+_pg_find_bin || exit 2
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 TMP=$(mktemp -d /tmp/chatmesh-profile.XXXXXX)
+# As root, PostgreSQL runs as the postgres user, which must reach its directory in here.
+[ "$(id -u)" != 0 ] || chmod 711 "$TMP"
 mkdir -p "$ROOT/bench/results"
 DATA=$ROOT/bench/results/profile-$SCENARIO.data
 PIDS=()
 cleanup() {
-    kill -TERM "${PIDS[@]}" 2>/dev/null || true
+    # The nodes and the client first, then PostgreSQL, then Redis.
+    local p
+    for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
     for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    pg_stop 20
+    if [ -n "$REDIS_PID" ]; then
+        kill -TERM "$REDIS_PID" 2>/dev/null || true
+        wait "$REDIS_PID" 2>/dev/null || true
+    fi
     rm -rf "$TMP"
 }
+REDIS_PID=""
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_ready() {
-    for _ in $(seq 100); do
+wait_ready() { # wait_ready URL LOG
+    for _ in $(seq 200); do
         curl -sf -o /dev/null --max-time 1 "$1" && return 0
         sleep 0.1
     done
-    echo "$1 did not become ready" >&2
+    echo "$1 did not become ready; the end of $2:" >&2
+    tail -n 5 "$2" >&2
     return 1
 }
 
+# Redis: the registry and directory only (no persistence).
 RPORT=$(free_port)
 redis-server --port "$RPORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$TMP" \
     --logfile "$TMP/redis.log" --daemonize no &
-PIDS+=($!)
-PIDARGS=(--pid "redis=$!")
+REDIS_PID=$!
 for _ in $(seq 50); do redis-cli -p "$RPORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+redis-cli -p "$RPORT" ping >/dev/null || { echo "redis-server did not start" >&2; exit 1; }
+
+# PostgreSQL: the store of record, on a unix socket in $TMP/pg only.
+pg_start "$TMP/pg" "$TMP/postgres.log" "synchronous_commit=$PG_SYNCHRONOUS_COMMIT" || exit 1
+pg_create_db chatmesh || exit 1
+DATABASE_URL=$(pg_url chatmesh)
+# chatmesh-bench adds a watched process's children (PostgreSQL's backends) to its CPU.
+PIDARGS=(--pid "redis=$REDIS_PID" --pid "postgres=$PG_PID")
 
 TARGETS=""
 SECRET=profile-$RANDOM$RANDOM
@@ -58,10 +88,11 @@ for i in 1 2 3; do
     RUST_LOG=warn "$BIN/chatmesh" --listen "127.0.0.1:$p" --internal-listen "127.0.0.1:$q" \
         --node-id "cm$i" --workers 1 --rate-per-sec 1000000 --rate-burst 1000000 \
         --redis-url "redis://127.0.0.1:$RPORT" --cluster-secret "$SECRET" \
+        --database-url "$DATABASE_URL" \
         >"$TMP/node$i.log" 2>&1 &
     PIDS+=($!)
     PIDARGS+=(--pid "cm$i=$!")
-    wait_ready "http://127.0.0.1:$p/readyz"
+    wait_ready "http://127.0.0.1:$p/readyz" "$TMP/node$i.log"
     TARGETS+="${TARGETS:+,}ws://127.0.0.1:$p"
 done
 
@@ -73,6 +104,7 @@ fi
 "$BIN/chatmesh-bench" "$SCENARIO" --system chatmesh --targets "$TARGETS" "${PIDARGS[@]}" \
     "${LOAD[@]}" --rate "$RATE" --duration 12 --warmup 3 >"$TMP/run.txt" 2>&1 &
 BENCH=$!
+PIDS+=("$BENCH")
 sleep 7
 perf record -a -F 999 -o "$DATA" -- sleep 5 2>/dev/null >/dev/null
 wait "$BENCH" || true
@@ -81,7 +113,7 @@ grep -E "^== |offered|delivered|latency ms|cpu  |result" "$TMP/run.txt"
 echo
 echo "share of the machine (100% = both cores) in the 5 s profile, by party:"
 # Thread names: a node's are chatmesh and actix-rt|system (its HTTP workers), the
-# client's tokio-rt-worker, Redis's redis-server.
+# client's tokio-rt-worker, Redis's redis-server, PostgreSQL's postgres (every backend).
 perf report -i "$DATA" --sort comm,dso --stdio 2>/dev/null | awk '
     /^ +[0-9.]+%/ {
         pct = $1; sub("%", "", pct)
@@ -90,12 +122,13 @@ perf report -i "$DATA" --sort comm,dso --stdio 2>/dev/null | awk '
         if (comm == "chatmesh" || comm ~ /^actix/) who = "chatmesh nodes"
         else if (comm ~ /^tokio-rt/ || comm == "chatmesh-bench") who = "chatmesh-bench"
         else if (comm == "redis-server") who = "redis-server"
+        else if (comm == "postgres") who = "postgresql"
         else who = "other"
         if (dso ~ /kernel/) kernel[who] += pct; else user[who] += pct
         seen[who] = 1
     }
     END {
-        n = split("chatmesh nodes,chatmesh-bench,redis-server,other", order, ",")
+        n = split("chatmesh nodes,chatmesh-bench,postgresql,redis-server,other", order, ",")
         for (i = 1; i <= n; i++) {
             w = order[i]
             if (w in seen)

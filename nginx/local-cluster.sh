@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A chatmesh cluster on loopback, behind nginx, in one command:
-# redis-server + NODES chatmesh nodes + nginx, all in a temporary directory that is
-# removed again on Ctrl-C.
+# PostgreSQL (the store of record) + redis-server (the registry and directory) + NODES
+# chatmesh nodes + nginx, all in a temporary directory that is removed again on Ctrl-C.
 #
 #   nginx/local-cluster.sh [--debug] [--no-build] [-- EXTRA NODE FLAGS...]
 #
@@ -16,16 +16,20 @@
 #   INTERNAL_BASE_PORT [BASE_PORT+1000]  peer API port of node-1, likewise
 #   CHATMESH_BIN                run this binary instead of building one
 #   NGINX [/usr/sbin/nginx, else nginx on PATH], REDIS_SERVER [redis-server]
-#   KEEP=1                      keep the temporary directory (logs) after exit
+#   PG_BIN [newest /usr/lib/postgresql/*/bin]  directory of initdb, postgres, psql
+#   PG_USER [postgres]          as root: the user PostgreSQL runs as (it refuses root)
+#   KEEP=1                      keep the temporary directory (logs, database) after exit
 #   RUST_LOG [info]             log level of the nodes
 set -euo pipefail
 
-usage() { sed -n '2,22s/^# \{0,1\}//p' "$0"; }
+usage() { sed -n '2,24s/^# \{0,1\}//p' "$0"; }
 die() { echo "local-cluster: $*" >&2; exit 1; }
 say() { echo "local-cluster: $*"; }
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$here/.." && pwd)
+# shellcheck source=SCRIPTDIR/../scripts/local-postgres.sh
+source "$root/scripts/local-postgres.sh"
 
 profile=release
 build=1
@@ -66,6 +70,7 @@ need "$REDIS_SERVER" "install Redis (apt-get install redis-server) or set REDIS_
 need redis-cli "install the Redis tools (apt-get install redis-tools)"
 need curl "install curl (apt-get install curl)"
 need setsid "install util-linux"
+_pg_find_bin || die "PostgreSQL is needed: the nodes of a cluster share one database"
 
 if [[ -n ${CHATMESH_BIN:-} ]]; then
     bin=$CHATMESH_BIN
@@ -76,7 +81,9 @@ else
     if ((build)); then
         need cargo "install Rust (https://rustup.rs) or set CHATMESH_BIN=/path/to/chatmesh"
         say "building chatmesh ($profile)"
-        cargo_flags=(build --bin chatmesh --manifest-path "$root/Cargo.toml")
+        # The same packages as bench/compare.sh builds, so the two share their artifacts
+        # (cargo unifies features over the packages it builds together).
+        cargo_flags=(build -p chatmesh -p chatmesh-bench --manifest-path "$root/Cargo.toml")
         [[ $profile == release ]] && cargo_flags+=(--release)
         cargo "${cargo_flags[@]}" || die "cargo build failed"
     fi
@@ -98,7 +105,12 @@ done
 
 # --- runtime directory and cleanup --------------------------------------------------
 
+# Logs, sockets and the database are for this user's eyes only.
+umask 077
 dir=$(mktemp -d "${TMPDIR:-/tmp}/chatmesh-cluster.XXXXXX")
+# As root, PostgreSQL runs as another user, which must be able to reach its own
+# directory in here: let others traverse (not list) this one.
+[[ $(id -u) != 0 ]] || chmod 711 "$dir"
 nginx_pid=
 redis_pid=
 node_pids=()
@@ -130,12 +142,14 @@ cleanup() {
     trap - INT TERM
     echo
     # Front door first (no new connections), then the nodes (they close websockets
-    # with 1012 and deregister from Redis), then Redis.
+    # with 1012, finish their writes and deregister from Redis), then Redis and
+    # PostgreSQL (fast shutdown: it disconnects what is left and checkpoints).
     stop nginx "$nginx_pid" 10
     local i
     for i in "${!node_pids[@]}"; do kill -TERM "${node_pids[$i]}" 2>/dev/null; done
     for i in "${!node_pids[@]}"; do stop "${node_names[$i]}" "${node_pids[$i]}" 20; done
     stop redis-server "$redis_pid" 10
+    pg_stop 20
     if [[ ${KEEP:-0} == 1 ]]; then
         say "kept $dir (logs: $dir/*.log, $dir/nginx/logs/)"
     else
@@ -165,12 +179,23 @@ spawn() { # spawn LOGFILE COMMAND...
     setsid "$@" </dev/null >"$log" 2>&1 &
 }
 
+# --- postgresql ---------------------------------------------------------------------
+
+say "runtime directory $dir"
+# Unix socket in $dir/pg only, no TCP port. Each node keeps up to 5 connections.
+pg_start "$dir/pg" "$dir/postgres.log" "max_connections=$((NODES * 5 > 80 ? NODES * 5 + 20 : 100))" ||
+    die "PostgreSQL did not start (KEEP=1 keeps its log, $dir/postgres.log)"
+pg_create_db chatmesh || die "could not create the database"
+database_url=$(pg_url chatmesh)
+say "PostgreSQL $(pg_version) ready on $dir/pg, database chatmesh"
+
 # --- redis --------------------------------------------------------------------------
 
+# Redis holds only the registry of live nodes and the directory of who is connected
+# where, which the nodes rebuild: no persistence.
 sock=$dir/redis.sock
-say "runtime directory $dir"
 spawn "$dir/redis.log" "$REDIS_SERVER" --port 0 --unixsocket "$sock" --unixsocketperm 700 \
-    --save "" --appendonly yes --appendfsync always --dir "$dir" --daemonize no
+    --save "" --appendonly no --dir "$dir" --daemonize no
 redis_pid=$!
 deadline=$((SECONDS + 10))
 until [[ $(redis-cli -s "$sock" ping 2>/dev/null) == PONG ]]; do
@@ -200,6 +225,7 @@ for ((i = 1; i <= NODES; i++)); do
         --internal-listen "127.0.0.1:$int" \
         --advertise "http://127.0.0.1:$int" \
         --redis-url "redis+unix://$sock" \
+        --database-url "$database_url" \
         ${node_args[@]+"${node_args[@]}"}
     node_pids+=($!)
     node_names+=("$name")
@@ -250,7 +276,7 @@ wait_ready nginx "$nginx_pid" "http://127.0.0.1:$PORT/healthz" "$ngx/stderr.log"
 
 cat <<EOF
 
-chatmesh cluster is up: $NODES nodes behind nginx, Redis at $sock
+chatmesh cluster is up: $NODES nodes behind nginx, PostgreSQL in $dir/pg, Redis at $sock
 
   through nginx:   http://127.0.0.1:$PORT/
 EOF
@@ -267,7 +293,8 @@ To see a message cross nodes, open them on two different nodes, e.g.
   http://127.0.0.1:$BASE_PORT/chat?uid=alice&to=bob
   http://127.0.0.1:$((BASE_PORT + NODES - 1))/chat?uid=bob&to=alice
 
-Logs: $dir/node-*.log, $dir/redis.log, $ngx/logs/{access,error}.log
+Database: psql '$database_url'
+Logs: $dir/node-*.log, $dir/postgres.log, $dir/redis.log, $ngx/logs/{access,error}.log
 Stop a node to watch failover:  kill ${node_pids[0]}   (${node_names[0]})
 Ctrl-C stops everything.
 EOF
@@ -284,7 +311,12 @@ while true; do
     if ! kill -0 "$redis_pid" 2>/dev/null && [[ -z ${reported[redis]:-} ]]; then
         reported[redis]=1
         show_log redis-server "$dir/redis.log"
-        say "redis-server exited; the nodes cannot store messages until it is back"
+        say "redis-server exited; the nodes lose the registry and directory (no cross-node delivery) until it is back"
+    fi
+    if ! kill -0 "$PG_PID" 2>/dev/null && [[ -z ${reported[postgres]:-} ]]; then
+        reported[postgres]=1
+        show_log postgres "$dir/postgres.log"
+        say "PostgreSQL exited; the nodes cannot store or read messages until it is back"
     fi
     for i in "${!node_pids[@]}"; do
         if ! kill -0 "${node_pids[$i]}" 2>/dev/null && [[ -z ${reported[$i]:-} ]]; then

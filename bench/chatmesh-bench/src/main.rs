@@ -115,7 +115,8 @@ pub struct Common {
     /// Message body size in bytes (at least the header `sender|seq|nanos|`)
     #[arg(long, default_value_t = 64)]
     pub body_bytes: usize,
-    /// A server process to watch (CPU, RSS): PID or NAME=PID; repeatable
+    /// A server process to watch (CPU, RSS): PID or NAME=PID; repeatable. Its CPU
+    /// includes its child processes' (e.g. PostgreSQL's backends); RSS is its own
     #[arg(long = "pid")]
     pub pids: Vec<Proc>,
     /// Label of this run in `compare` (default: the scenario)

@@ -197,7 +197,7 @@ pub fn compare(files: &[PathBuf], numerator: System) -> Result<String, BoxError>
                     &|v| Some(num(v, &["lost"])? + num(v, &["duplicated"])?),
                     false,
                 ),
-                row("server CPU % (sum of watched pids)", &server_cpu, true),
+                row("server CPU % (sum of watched processes)", &server_cpu, true),
                 row(
                     "server CPU µs per delivery",
                     &|v| {

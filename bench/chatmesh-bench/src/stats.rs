@@ -238,19 +238,67 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// User plus system CPU time of a process, in clock ticks (USER_HZ, 100 on Linux).
-pub fn cpu_ticks(pid: Option<u32>) -> Option<u64> {
-    let path = match pid {
-        Some(p) => format!("/proc/{p}/stat"),
-        None => "/proc/self/stat".to_owned(),
-    };
-    let stat = std::fs::read_to_string(path).ok()?;
-    // Fields after the command name (which may hold spaces) start at field 3.
+/// Fields of /proc/PID/stat after the command name (which may hold spaces): index 0 is
+/// the state (field 3), 1 the parent pid, 11 and 12 utime and stime, 13 and 14 cutime
+/// and cstime.
+fn stat_fields(pid: &str) -> Option<Vec<u64>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(utime + stime)
+    // The state is a letter; keep the positions by mapping it to 0.
+    Some(
+        rest.split_whitespace()
+            .map(|f| f.parse().unwrap_or(0))
+            .collect(),
+    )
+}
+
+/// User plus system CPU time, in clock ticks (USER_HZ, 100 on Linux), of this process
+/// (`None`: its own threads only), or of process `pid` and all its descendants: a server
+/// that forks workers (PostgreSQL runs a process per connection) counts whole. That is
+/// the live descendants' own time plus, through cutime and cstime, the time of those
+/// that exited and were waited for, so a worker that ends between two readings moves
+/// its time from one term to the other and none is lost.
+pub fn cpu_ticks(pid: Option<u32>) -> Option<u64> {
+    let Some(pid) = pid else {
+        let f = stat_fields("self")?;
+        return Some(f.get(11)? + f.get(12)?);
+    };
+    let root = stat_fields(&pid.to_string())?;
+    let whole = |f: &[u64]| -> u64 { f.iter().skip(11).take(4).sum() };
+    let mut total = whole(&root);
+    for child in descendants(pid) {
+        if let Some(f) = stat_fields(&child.to_string()) {
+            total += whole(&f);
+        }
+    }
+    Some(total)
+}
+
+/// Every live descendant of `pid` (children, their children, ...), from /proc.
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let parents: Vec<(u32, u32)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name();
+            let p: u32 = name.to_str()?.parse().ok()?;
+            let ppid = *stat_fields(name.to_str()?)?.get(1)?;
+            Some((p, ppid as u32))
+        })
+        .collect();
+    let mut found = Vec::new();
+    let mut frontier = vec![pid];
+    while let Some(parent) = frontier.pop() {
+        for &(p, pp) in &parents {
+            if pp == parent && !found.contains(&p) {
+                found.push(p);
+                frontier.push(p);
+            }
+        }
+    }
+    found
 }
 
 pub const TICKS_PER_SEC: f64 = 100.0;
@@ -350,6 +398,15 @@ mod tests {
         assert!(cpu_ticks(None).is_some());
         assert!(machine_busy_ticks().is_some());
         assert!(open_files_limit().unwrap() > 0);
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        assert!(descendants(me).contains(&child.id()));
+        assert!(cpu_ticks(Some(me)).unwrap() >= cpu_ticks(None).unwrap());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(!descendants(me).contains(&child.id()));
         let p: Proc = "node1=42".parse().unwrap();
         assert_eq!((p.name.as_str(), p.pid), ("node1", 42));
         assert!("x=y".parse::<Proc>().is_err());
