@@ -97,9 +97,11 @@ pub struct AppendWrites {
     pub messages: Vec<Message>,
     /// conv -> (last seq, last ts)
     pub last: BTreeMap<String, (u64, u64)>,
-    /// DM conversations whose first message is in this batch: (conv, participant).
-    pub dm_members: Vec<(String, String)>,
-    /// (conv, sender) -> highest seq they sent: their read and delivered marks.
+    /// DM conversations whose first message is in this batch: (conv, participant,
+    /// the participant's marks: the highest seq they sent in the batch, or 0).
+    pub dm_members: Vec<(String, String, u64)>,
+    /// (conv, sender) -> highest seq they sent, for senders whose member row exists:
+    /// their read and delivered marks move there.
     pub sender_marks: BTreeMap<(String, String), u64>,
     /// (conv, seq) -> the latest body an edit gave it.
     pub edits: BTreeMap<(String, u64), Option<String>>,
@@ -191,8 +193,6 @@ pub trait Dialect: Send + Sync + 'static {
     async fn rooms_of(c: &mut Conn<Self>, uid: &str) -> SqlResult<Vec<UserRoom>>;
     /// Stores `candidate` as the epoch unless one exists; answers the stored one.
     async fn epoch(c: &mut Conn<Self>, candidate: &str) -> SqlResult<String>;
-    /// `SAVEPOINT appends` or `ROLLBACK TO SAVEPOINT appends`.
-    async fn savepoint(c: &mut Conn<Self>, statement: &'static str) -> SqlResult<()>;
     async fn ping(c: &mut Conn<Self>) -> SqlResult<()>;
 }
 
@@ -417,10 +417,28 @@ where
     for<'c> &'c mut Conn<D>: sqlx::Executor<'c, Database = D::Db>,
 {
     let ops: Vec<&Op> = jobs.iter().map(|j| &j.op).collect();
-    let mut tx = conn.begin().await?;
-    let outcomes = f(&mut *tx, &ops, limits).await?;
-    tx.commit().await?;
-    Ok(outcomes)
+    // Another node may store one of these client ids between our look-up and our
+    // insert: then the transaction is rolled back and decided again with what it
+    // stored (a few rounds at most; it is rare).
+    for _ in 0..3 {
+        let mut tx = conn.begin().await?;
+        match f(&mut *tx, &ops, limits).await {
+            Ok(outcomes) => {
+                tx.commit().await?;
+                return Ok(outcomes);
+            }
+            Err(e) if is_lost_race(&e) => tx.rollback().await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(sqlx::Error::Protocol(LOST_RACE.into()))
+}
+
+/// The error a write returns when another node stored one of its client ids first.
+const LOST_RACE: &str = "another node stored one of these client ids meanwhile";
+
+fn is_lost_race(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Protocol(m) if m == LOST_RACE)
 }
 
 fn answer(jobs: Vec<Job>, outcomes: Vec<Outcome>) {
@@ -446,18 +464,12 @@ where
                 _ => None,
             })
             .collect();
-        // Another node may store one of these client ids between our look-up and our
-        // insert; then decide again with what it stored (a few rounds at most).
-        for _ in 0..3 {
-            let (outcomes, writes, now) = decide_appends::<D>(c, &msgs, limits).await?;
-            if D::write_appends(c, &writes, now).await? {
-                return Ok(outcomes);
-            }
-            D::savepoint(c, "ROLLBACK TO SAVEPOINT appends").await?;
+        let (outcomes, writes, now) = decide_appends::<D>(c, &msgs, limits).await?;
+        if D::write_appends(c, &writes, now).await? {
+            Ok(outcomes)
+        } else {
+            Err(sqlx::Error::Protocol(LOST_RACE.into()))
         }
-        Err(sqlx::Error::Protocol(
-            "client ids kept colliding with another node's appends".into(),
-        ))
     })
 }
 
@@ -470,7 +482,6 @@ async fn decide_appends<D: Dialect>(
 where
     for<'c> &'c mut Conn<D>: sqlx::Executor<'c, Database = D::Db>,
 {
-    D::savepoint(c, "SAVEPOINT appends").await?;
     let now = now_ms();
     let keys: Vec<(String, String)> = msgs
         .iter()
@@ -540,8 +551,8 @@ where
         last.insert(msg.conv.clone(), seq);
         w.last.insert(msg.conv.clone(), (seq, message.ts));
         if let (1, Some(Conv::Dm(a, b))) = (seq, Conv::parse(&msg.conv)) {
-            w.dm_members.push((msg.conv.clone(), a.to_owned()));
-            w.dm_members.push((msg.conv.clone(), b.to_owned()));
+            w.dm_members.push((msg.conv.clone(), a.to_owned(), 0));
+            w.dm_members.push((msg.conv.clone(), b.to_owned(), 0));
         }
         w.sender_marks
             .insert((msg.conv.clone(), msg.from.clone()), seq);
@@ -582,6 +593,12 @@ where
             message,
             duplicate: false,
         })));
+    }
+    // The marks of participants whose row this batch creates go into the insert.
+    for (conv, uid, marks) in &mut w.dm_members {
+        if let Some(seq) = w.sender_marks.remove(&(conv.clone(), uid.clone())) {
+            *marks = seq;
+        }
     }
     Ok((outcomes, w, now))
 }
@@ -1301,11 +1318,6 @@ macro_rules! dialect {
                         .fetch_one(&mut *c)
                         .await?;
                 Ok(epoch)
-            }
-
-            async fn savepoint(c: &mut Conn<Self>, statement: &'static str) -> SqlResult<()> {
-                sqlx::query(statement).execute(&mut *c).await?;
-                Ok(())
             }
 
             async fn ping(c: &mut Conn<Self>) -> SqlResult<()> {

@@ -99,12 +99,14 @@ dialect!(PgDialect, sqlx::Postgres, " FOR UPDATE", {
         if keys.is_empty() {
             return Ok(HashMap::new());
         }
+        // LATERAL: one primary-key probe per key, whatever the planner guesses of the
+        // array's size (a hash join would scan the whole table).
         let sql = format!(
-            "SELECT {}, i.sender, i.client_id \
+            "SELECT {}, k.sender, k.client_id \
              FROM unnest($1::text[], $2::text[]) AS k(sender, client_id) \
-             JOIN idempotency i ON i.sender = k.sender AND i.client_id = k.client_id \
-             JOIN messages m ON m.conv = i.conv AND m.seq = i.seq \
-             WHERE i.expires > $3",
+             CROSS JOIN LATERAL (SELECT conv, seq FROM idempotency i \
+               WHERE i.sender = k.sender AND i.client_id = k.client_id AND i.expires > $3) i \
+             CROSS JOIN LATERAL (SELECT * FROM messages WHERE conv = i.conv AND seq = i.seq) m",
             prefixed("m")
         );
         let rows = sqlx::query(&sql)
@@ -121,18 +123,13 @@ dialect!(PgDialect, sqlx::Postgres, " FOR UPDATE", {
     }
 
     async fn lock_convs(c: &mut Conn<Self>, convs: &[String]) -> SqlResult<HashMap<String, u64>> {
-        // Rows first (a first message on two nodes at once: one inserts, the other
-        // waits for it and does nothing), then the locks, in sorted order.
-        sqlx::query(
-            "INSERT INTO conversations (conv) SELECT c FROM unnest($1::text[]) AS t(c) \
-             ORDER BY c ON CONFLICT (conv) DO NOTHING",
-        )
-        .bind(convs)
-        .execute(&mut *c)
-        .await?;
+        // One statement: the rows are made if missing (a first message on two nodes at
+        // once: one inserts, the other waits for it) and locked, in sorted order, as
+        // `ON CONFLICT DO UPDATE` locks the row it conflicts with.
         let rows: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT conv, last_seq FROM conversations WHERE conv = ANY($1) \
-             ORDER BY conv FOR UPDATE",
+            "INSERT INTO conversations AS c (conv) SELECT v FROM unnest($1::text[]) AS t(v) \
+             ORDER BY v ON CONFLICT (conv) DO UPDATE SET conv = excluded.conv \
+             RETURNING c.conv, c.last_seq",
         )
         .bind(convs)
         .fetch_all(&mut *c)
@@ -147,11 +144,12 @@ dialect!(PgDialect, sqlx::Postgres, " FOR UPDATE", {
         if pairs.is_empty() {
             return Ok(HashMap::new());
         }
+        // LATERAL probes in the (sorted) order of the arrays, each locking its row.
         let rows: Vec<(String, String, String)> = sqlx::query_as(
-            "SELECT m.conv, m.uid, m.role FROM members m \
-             JOIN unnest($1::text[], $2::text[]) AS p(conv, uid) \
-             ON m.conv = p.conv AND m.uid = p.uid \
-             ORDER BY m.conv, m.uid FOR UPDATE OF m",
+            "SELECT m.conv, m.uid, m.role FROM unnest($1::text[], $2::text[]) \
+             WITH ORDINALITY AS p(conv, uid, n) \
+             CROSS JOIN LATERAL (SELECT conv, uid, role FROM members \
+               WHERE conv = p.conv AND uid = p.uid FOR UPDATE) m ORDER BY p.n",
         )
         .bind(pairs.iter().map(|p| p.0.clone()).collect::<Vec<_>>())
         .bind(pairs.iter().map(|p| p.1.clone()).collect::<Vec<_>>())
@@ -171,9 +169,9 @@ dialect!(PgDialect, sqlx::Postgres, " FOR UPDATE", {
         }
         let rows: Vec<(String, i64, String, bool, bool)> = sqlx::query_as(
             "SELECT m.conv, m.seq, m.sender, m.deleted, \
-             (m.edit_of IS NOT NULL OR m.delete_of IS NOT NULL) FROM messages m \
-             JOIN unnest($1::text[], $2::bigint[]) AS t(conv, seq) \
-             ON m.conv = t.conv AND m.seq = t.seq",
+             (m.edit_of IS NOT NULL OR m.delete_of IS NOT NULL) \
+             FROM unnest($1::text[], $2::bigint[]) AS t(conv, seq) \
+             CROSS JOIN LATERAL (SELECT * FROM messages WHERE conv = t.conv AND seq = t.seq) m",
         )
         .bind(pairs.iter().map(|p| p.0.clone()).collect::<Vec<_>>())
         .bind(i64s(pairs.iter().map(|p| p.1)))
@@ -195,78 +193,84 @@ dialect!(PgDialect, sqlx::Postgres, " FOR UPDATE", {
     }
 
     async fn write_appends(c: &mut Conn<Self>, w: &AppendWrites, now: u64) -> SqlResult<bool> {
-        if !w.messages.is_empty() {
-            let m = &w.messages;
-            sqlx::query(
-                "INSERT INTO messages (conv, seq, id, sender, body, ts, edit_of, delete_of) \
-                 SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], \
-                 $5::text[], $6::bigint[], $7::bigint[], $8::bigint[])",
-            )
-            .bind(m.iter().map(|m| m.conv.clone()).collect::<Vec<_>>())
-            .bind(i64s(m.iter().map(|m| m.seq)))
-            .bind(m.iter().map(|m| m.id.clone()).collect::<Vec<_>>())
-            .bind(m.iter().map(|m| m.from.clone()).collect::<Vec<_>>())
-            .bind(m.iter().map(|m| m.body.clone()).collect::<Vec<_>>())
-            .bind(i64s(m.iter().map(|m| m.ts)))
-            .bind(
-                m.iter()
-                    .map(|m| m.edit.map(|s| s as i64))
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                m.iter()
-                    .map(|m| m.delete.map(|s| s as i64))
-                    .collect::<Vec<_>>(),
-            )
-            .execute(&mut *c)
-            .await?;
+        // Messages, counters, new DM participants, senders' marks and client ids in one
+        // statement (one round trip). The parts touch different rows: a DM's new
+        // participants get their marks in the insert, not from the marks update.
+        let m = &w.messages;
+        let i = &w.idempotency;
+        if m.is_empty() && i.is_empty() && w.sender_marks.is_empty() {
+            return Ok(true);
         }
-        if !w.last.is_empty() {
-            sqlx::query(
-                "UPDATE conversations c SET last_seq = v.seq, last_ts = v.ts \
-                 FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS v(conv, seq, ts) \
-                 WHERE c.conv = v.conv",
-            )
-            .bind(w.last.keys().cloned().collect::<Vec<_>>())
-            .bind(i64s(w.last.values().map(|v| v.0)))
-            .bind(i64s(w.last.values().map(|v| v.1)))
-            .execute(&mut *c)
-            .await?;
-        }
-        if !w.dm_members.is_empty() {
-            sqlx::query(
-                "INSERT INTO members (conv, uid, role) \
-                 SELECT c, u, 'dm' FROM unnest($1::text[], $2::text[]) AS t(c, u) \
-                 ORDER BY c, u ON CONFLICT (conv, uid) DO NOTHING",
-            )
-            .bind(w.dm_members.iter().map(|p| p.0.clone()).collect::<Vec<_>>())
-            .bind(w.dm_members.iter().map(|p| p.1.clone()).collect::<Vec<_>>())
-            .execute(&mut *c)
-            .await?;
-        }
-        if !w.sender_marks.is_empty() {
-            sqlx::query(
-                "UPDATE members m SET read_seq = GREATEST(m.read_seq, v.seq), \
-                 delivered_seq = GREATEST(m.delivered_seq, v.seq) \
-                 FROM unnest($1::text[], $2::text[], $3::bigint[]) AS v(conv, uid, seq) \
-                 WHERE m.conv = v.conv AND m.uid = v.uid",
-            )
-            .bind(
-                w.sender_marks
-                    .keys()
-                    .map(|k| k.0.clone())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                w.sender_marks
-                    .keys()
-                    .map(|k| k.1.clone())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(i64s(w.sender_marks.values().copied()))
-            .execute(&mut *c)
-            .await?;
-        }
+        let (inserted,): (i64,) = sqlx::query_as(
+            "WITH msgs AS ( \
+               INSERT INTO messages (conv, seq, id, sender, body, ts, edit_of, delete_of) \
+               SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], \
+                 $5::text[], $6::bigint[], $7::bigint[], $8::bigint[])), \
+             counters AS ( \
+               UPDATE conversations c SET last_seq = v.seq, last_ts = v.ts \
+               FROM unnest($9::text[], $10::bigint[], $11::bigint[]) AS v(conv, seq, ts) \
+               WHERE c.conv = v.conv), \
+             participants AS ( \
+               INSERT INTO members (conv, uid, role, read_seq, delivered_seq) \
+               SELECT p, u, 'dm', r, r FROM unnest($12::text[], $13::text[], $14::bigint[]) \
+                 AS t(p, u, r) ORDER BY p, u ON CONFLICT (conv, uid) DO NOTHING), \
+             marks AS ( \
+               UPDATE members mb SET read_seq = GREATEST(mb.read_seq, v.seq), \
+                 delivered_seq = GREATEST(mb.delivered_seq, v.seq) \
+               FROM unnest($15::text[], $16::text[], $17::bigint[]) AS v(conv, uid, seq) \
+               WHERE mb.conv = v.conv AND mb.uid = v.uid), \
+             ids AS ( \
+               INSERT INTO idempotency AS x (sender, client_id, conv, seq, expires) \
+               SELECT * FROM unnest($18::text[], $19::text[], $20::text[], $21::bigint[], \
+                 $22::bigint[]) \
+               ON CONFLICT (sender, client_id) DO UPDATE SET conv = excluded.conv, \
+                 seq = excluded.seq, expires = excluded.expires WHERE x.expires <= $23 \
+               RETURNING 1) \
+             SELECT count(*) FROM ids",
+        )
+        .bind(m.iter().map(|m| m.conv.clone()).collect::<Vec<_>>())
+        .bind(i64s(m.iter().map(|m| m.seq)))
+        .bind(m.iter().map(|m| m.id.clone()).collect::<Vec<_>>())
+        .bind(m.iter().map(|m| m.from.clone()).collect::<Vec<_>>())
+        .bind(m.iter().map(|m| m.body.clone()).collect::<Vec<_>>())
+        .bind(i64s(m.iter().map(|m| m.ts)))
+        .bind(
+            m.iter()
+                .map(|m| m.edit.map(|s| s as i64))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            m.iter()
+                .map(|m| m.delete.map(|s| s as i64))
+                .collect::<Vec<_>>(),
+        )
+        .bind(w.last.keys().cloned().collect::<Vec<_>>())
+        .bind(i64s(w.last.values().map(|v| v.0)))
+        .bind(i64s(w.last.values().map(|v| v.1)))
+        .bind(w.dm_members.iter().map(|p| p.0.clone()).collect::<Vec<_>>())
+        .bind(w.dm_members.iter().map(|p| p.1.clone()).collect::<Vec<_>>())
+        .bind(i64s(w.dm_members.iter().map(|p| p.2)))
+        .bind(
+            w.sender_marks
+                .keys()
+                .map(|k| k.0.clone())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            w.sender_marks
+                .keys()
+                .map(|k| k.1.clone())
+                .collect::<Vec<_>>(),
+        )
+        .bind(i64s(w.sender_marks.values().copied()))
+        .bind(i.iter().map(|r| r.0.clone()).collect::<Vec<_>>())
+        .bind(i.iter().map(|r| r.1.clone()).collect::<Vec<_>>())
+        .bind(i.iter().map(|r| r.2.clone()).collect::<Vec<_>>())
+        .bind(i64s(i.iter().map(|r| r.3)))
+        .bind(i64s(i.iter().map(|r| r.4)))
+        .bind(now as i64)
+        .fetch_one(&mut *c)
+        .await?;
         if !w.edits.is_empty() {
             sqlx::query(
                 "UPDATE messages m SET body = v.body, edited = TRUE \
@@ -301,29 +305,7 @@ dialect!(PgDialect, sqlx::Postgres, " FOR UPDATE", {
             .execute(&mut *c)
             .await?;
         }
-        if !w.idempotency.is_empty() {
-            let i = &w.idempotency;
-            let done = sqlx::query(
-                "INSERT INTO idempotency (sender, client_id, conv, seq, expires) \
-                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], \
-                 $5::bigint[]) \
-                 ON CONFLICT (sender, client_id) DO UPDATE SET conv = excluded.conv, \
-                 seq = excluded.seq, expires = excluded.expires \
-                 WHERE idempotency.expires <= $6",
-            )
-            .bind(i.iter().map(|r| r.0.clone()).collect::<Vec<_>>())
-            .bind(i.iter().map(|r| r.1.clone()).collect::<Vec<_>>())
-            .bind(i.iter().map(|r| r.2.clone()).collect::<Vec<_>>())
-            .bind(i64s(i.iter().map(|r| r.3)))
-            .bind(i64s(i.iter().map(|r| r.4)))
-            .bind(now as i64)
-            .execute(&mut *c)
-            .await?;
-            if done.rows_affected() != i.len() as u64 {
-                return Ok(false);
-            }
-        }
-        Ok(true)
+        Ok(inserted as usize == i.len())
     }
 
     async fn read_pages(c: &mut Conn<Self>, requests: Vec<ReadRequest>) -> SqlResult<Vec<Page>> {

@@ -199,13 +199,14 @@ dialect!(SqliteDialect, sqlx::Sqlite, "", {
                 .execute(&mut *c)
                 .await?;
         }
-        for (conv, uid) in &w.dm_members {
+        for (conv, uid, marks) in &w.dm_members {
             sqlx::query(
-                "INSERT INTO members (conv, uid, role) VALUES ($1, $2, 'dm') \
-                 ON CONFLICT (conv, uid) DO NOTHING",
+                "INSERT INTO members (conv, uid, role, read_seq, delivered_seq) \
+                 VALUES ($1, $2, 'dm', $3, $3) ON CONFLICT (conv, uid) DO NOTHING",
             )
             .bind(conv)
             .bind(uid)
+            .bind(*marks as i64)
             .execute(&mut *c)
             .await?;
         }
