@@ -17,8 +17,8 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-# shellcheck source=SCRIPTDIR/../scripts/local-postgres.sh
-source "$ROOT/scripts/local-postgres.sh"
+# shellcheck source=SCRIPTDIR/../nginx/local-postgres.sh
+source "$ROOT/nginx/local-postgres.sh"
 FIND_MAX=0
 FIXED=1
 MODE=auto

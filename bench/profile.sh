@@ -16,8 +16,8 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-# shellcheck source=SCRIPTDIR/../scripts/local-postgres.sh
-source "$ROOT/scripts/local-postgres.sh"
+# shellcheck source=SCRIPTDIR/../nginx/local-postgres.sh
+source "$ROOT/nginx/local-postgres.sh"
 SCENARIO=${1:?scenario: direct or room}
 RATE=${2:?rate per sender}
 case "$SCENARIO" in direct|room) ;; *) echo "scenario: direct or room" >&2; exit 2 ;; esac

@@ -28,8 +28,8 @@ say() { echo "local-cluster: $*"; }
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$here/.." && pwd)
-# shellcheck source=SCRIPTDIR/../scripts/local-postgres.sh
-source "$root/scripts/local-postgres.sh"
+# shellcheck source=SCRIPTDIR/local-postgres.sh
+source "$root/nginx/local-postgres.sh"
 
 profile=release
 build=1
