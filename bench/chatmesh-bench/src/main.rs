@@ -139,6 +139,14 @@ pub struct Common {
     /// Prefix of user and room ids (default: random, so runs never share state)
     #[arg(long)]
     pub run_id: Option<String>,
+    /// Shell command run, and waited for (60 s at most), when the window opens, e.g. to
+    /// switch a profiler on (bench/instructions.sh); the report counts what was sent
+    /// and delivered from its end to the start of --at-window-end
+    #[arg(long)]
+    pub at_window_start: Option<String>,
+    /// Shell command run, and waited for, when the window closes (sending stops)
+    #[arg(long)]
+    pub at_window_end: Option<String>,
 }
 
 fn write_json(path: &Option<PathBuf>, value: &impl serde::Serialize) -> Result<(), BoxError> {

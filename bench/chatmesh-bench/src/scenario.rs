@@ -116,6 +116,27 @@ pub fn room_plan(run: &str, rooms: usize, members: usize, senders: usize, target
     }
 }
 
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Hooked {
+    pub sent: u64,
+    pub delivered: u64,
+}
+
+/// Runs a window hook with `sh -c` and waits for it.
+async fn hook(cmd: &str) -> Result<(), BoxError> {
+    let run = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .kill_on_drop(true)
+        .status();
+    match tokio::time::timeout(Duration::from_secs(60), run).await {
+        Ok(Ok(s)) if s.success() => Ok(()),
+        Ok(Ok(s)) => Err(format!("window hook `{cmd}` failed: {s}").into()),
+        Ok(Err(e)) => Err(format!("window hook `{cmd}`: {e}").into()),
+        Err(_) => Err(format!("window hook `{cmd}` took over 60 s").into()),
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct LoadReport {
     pub scenario: String,
@@ -148,6 +169,8 @@ pub struct LoadReport {
     pub cpu_percent: BTreeMap<String, f64>,
     pub rss_kib: BTreeMap<String, u64>,
     pub setup_s: f64,
+    /// Sent and delivered between --at-window-start and --at-window-end.
+    pub between_hooks: Option<Hooked>,
     pub max_p99_ms: Option<f64>,
     /// Loss, duplicates, unexpected deliveries, refused sends, dropped connections.
     pub failures: Vec<String>,
@@ -445,11 +468,20 @@ pub async fn run_load(
     let mut warm_done = false;
     let mut sleep_to_end = std::pin::pin!(sleep_until(send_end));
     let mut drained_at = None;
+    let mut hooked_from = None;
+    let mut hooked = None;
     // Bounded: the run ends at the drain limit at the latest.
     loop {
         tokio::select! {
             _ = &mut sleep_to_warm, if !warm_done => {
                 warm_done = true;
+                if let Some(cmd) = &opts.at_window_start {
+                    hook(cmd).await?;
+                    hooked_from = Some((
+                        shared.sent.load(Ordering::Relaxed),
+                        shared.delivered.load(Ordering::Relaxed),
+                    ));
+                }
                 cpu_at_warm = Some(cpu_snapshot(&opts.pids));
                 delivered_at_warm = shared.delivered.load(Ordering::Relaxed);
                 shared.take_interval();
@@ -457,6 +489,15 @@ pub async fn run_load(
             _ = &mut sleep_to_end, if delivered_at_end.is_none() => {
                 cpu_at_end = Some(cpu_snapshot(&opts.pids));
                 delivered_at_end = Some(shared.delivered.load(Ordering::Relaxed));
+                if let Some((sent0, delivered0)) = hooked_from {
+                    hooked = Some(Hooked {
+                        sent: shared.sent.load(Ordering::Relaxed) - sent0,
+                        delivered: shared.delivered.load(Ordering::Relaxed) - delivered0,
+                    });
+                }
+                if let Some(cmd) = &opts.at_window_end {
+                    hook(cmd).await?;
+                }
             }
             _ = tick.tick() => {
                 let now = Instant::now();
@@ -628,6 +669,7 @@ pub async fn run_load(
         cpu_percent,
         rss_kib,
         setup_s,
+        between_hooks: hooked,
         max_p99_ms: opts.max_p99_ms,
         failures,
         slo_misses,
@@ -682,6 +724,12 @@ pub fn print_load(r: &LoadReport) {
         ms(r.send_lag_ms.p99),
         ms(r.send_lag_ms.max)
     );
+    if let Some(h) = r.between_hooks {
+        println!(
+            "  between hooks  sent {}  delivered {}",
+            h.sent, h.delivered
+        );
+    }
     if !r.cpu_percent.is_empty() {
         let cpu: Vec<String> = r
             .cpu_percent
