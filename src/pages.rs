@@ -39,6 +39,11 @@ pub struct StaticFile {
 
 pub const STATIC_FILES: &[StaticFile] = &[
     StaticFile {
+        path: "chatmesh.js",
+        content_type: "text/javascript; charset=utf-8",
+        body: include_str!("../static/chatmesh.js"),
+    },
+    StaticFile {
         path: "chat.js",
         content_type: "text/javascript; charset=utf-8",
         body: include_str!("../static/chat.js"),
