@@ -139,6 +139,15 @@ test('rooms: create private, add, refused join with the reason, remove and ban',
   const banned = await guest.join('rm-team').catch((e) => e);
   assert.equal(banned.code, 'forbidden');
   assert.match(banned.message, /banned/);
+
+  // A public room: joined and left by the user.
+  const pub = await guest.join('rm-public');
+  assert.equal(pub.role, 'owner', 'created by the join');
+  assert.ok(guest.rooms.has('rm-public'));
+  await guest.leave('rm-public');
+  assert.ok(!guest.rooms.has('rm-public'));
+  assert.deepEqual(roomEvents.at(-1), { room: 'rm-public', joined: false, by: undefined });
+  assert.equal((await guest.roomInfo('rm-public').catch((e) => e)).code, 'not_member');
   owner.close();
   guest.close();
 });
