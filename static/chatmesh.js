@@ -931,6 +931,13 @@ export class ChatClient extends Emitter {
     this._store('sync', { epoch: this.epoch, cursors });
   }
 
+  /** Remembers a client_id this client confirmed or gave up (the last 1,000), so a
+   * save does not bring it back from what another tab stored. */
+  _done(clientId) {
+    this._outboxDone.add(clientId);
+    if (this._outboxDone.size > 1000) this._outboxDone.delete(this._outboxDone.values().next().value);
+  }
+
   /** Writes the outbox, keeping what other tabs of the same user put there. */
   _saveOutbox() {
     if (!this.uid) return;
@@ -989,7 +996,7 @@ export class ChatClient extends Emitter {
     const dropped = this._outbox.filter((e) => e.kind !== 'send');
     this._outbox = this._outbox.filter((e) => e.kind === 'send');
     for (const e of dropped) {
-      this._outboxDone.add(e.clientId);
+      this._done(e.clientId);
       this.emit('failed', {
         clientId: e.clientId,
         entry: e,
@@ -1379,7 +1386,7 @@ export class ChatClient extends Emitter {
     const i = this._outbox.findIndex((e) => e.clientId === clientId);
     if (i < 0) return false;
     const [entry] = this._outbox.splice(i, 1);
-    this._outboxDone.add(clientId);
+    this._done(clientId);
     this._saveOutbox();
     if (entry._reject) entry._reject(new ChatError('discarded', 'discarded'));
     return true;
@@ -1454,7 +1461,7 @@ export class ChatClient extends Emitter {
     if (idx >= 0) this._resolveSilentBefore(idx);
     const e = this._takeEntry(f.client_id);
     this._outbox.splice(this._outbox.indexOf(e), 1);
-    this._outboxDone.add(e.clientId);
+    this._done(e.clientId);
     this._saveOutbox();
     const p = parseConv(e.conv);
     const m = {
@@ -1481,7 +1488,7 @@ export class ChatClient extends Emitter {
   _failEntry(e, error) {
     const i = this._outbox.indexOf(e);
     if (i >= 0) this._outbox.splice(i, 1);
-    this._outboxDone.add(e.clientId);
+    this._done(e.clientId);
     this._saveOutbox();
     this.emit('failed', { clientId: e.clientId, entry: e, error });
     if (e._reject) e._reject(error);
