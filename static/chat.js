@@ -204,6 +204,7 @@ async function messenger(root) {
     refusal: $('refusal'),
     refusalTitle: $('refusal-title'),
     refusalReason: $('refusal-reason'),
+    refusalAction: $('refusal-action'),
     typing: $('typing'),
     editBar: $('edit-bar'),
     editCancel: $('edit-cancel'),
@@ -582,7 +583,7 @@ async function messenger(root) {
   function openConv(conv, opts) {
     const p = parseConv(conv);
     if (!p) return;
-    if (current && current.conv === conv && !opts.force) {
+    if (current && current.conv === conv && current.ready && !opts.force) {
       root.dataset.view = 'conv';
       return;
     }
@@ -636,7 +637,8 @@ async function messenger(root) {
     if (client.rooms.has(c.room)) return loadConv();
     client.join(c.room).then(
       () => {
-        if (current === c) loadConv();
+        // (The `room` event of the join may have loaded it already.)
+        if (current === c && !c.ready) loadConv();
       },
       (e) => {
         if (current !== c) return;
@@ -655,9 +657,13 @@ async function messenger(root) {
     return capitalise(e.message || e.code);
   }
 
-  function showRefusal(title, reason) {
+  /** Says why the open room cannot be read; `action` is an offer: {label, run}. */
+  function showRefusal(title, reason, action) {
     ui.refusalTitle.textContent = title;
     ui.refusalReason.textContent = reason;
+    ui.refusalAction.hidden = !action;
+    ui.refusalAction.textContent = action ? action.label : '';
+    ui.refusalAction.onclick = action ? action.run : null;
     ui.refusal.hidden = false;
     ui.empty.hidden = true;
     ui.older.hidden = true;
@@ -1210,7 +1216,8 @@ async function messenger(root) {
       togglePanel(false);
       showRefusal(
         by ? by + ' removed you from #' + room : 'You left #' + room,
-        by ? 'You no longer get its messages. An owner can add you again.' : 'Open it again to rejoin.',
+        by ? 'You no longer get its messages. An owner can add you again.' : 'You no longer get its messages.',
+        by ? null : { label: 'Join again', run: () => enterRoom() },
       );
       clear(ui.list);
       shown = new Map();
