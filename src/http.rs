@@ -17,7 +17,7 @@ use crate::auth::Authenticator;
 use crate::chat::{Chat, ChatError, Outgoing, Target};
 use crate::config::Settings;
 use crate::outbox::{Outbox, OutboxLimits};
-use crate::pages::{ChatPage, ErrorPage, IndexPage, STATIC_FILES};
+use crate::pages::{ChatPage, ErrorPage, IndexPage, NotFoundPage, STATIC_FILES};
 use crate::protocol::{dm_conv, room_conv, valid_id, ServerFrame};
 use crate::session::wire::OutboxBody;
 use crate::session::{Timings, WsSession};
@@ -44,6 +44,7 @@ pub fn public_routes(cfg: &mut web::ServiceConfig) {
     )
     .route("/", web::get().to(index))
     .route("/chat", web::get().to(chat_page))
+    .route("/inbox", web::get().to(inbox_page))
     .route("/home/index", web::get().to(old_dm_page))
     .route("/home/room", web::get().to(old_room_page))
     .route("/static/{file}", web::get().to(static_file))
@@ -69,7 +70,8 @@ pub fn public_routes(cfg: &mut web::ServiceConfig) {
                 web::delete().to(api_remove_member),
             )
             .route("/users/{uid}/rooms", web::get().to(api_user_rooms)),
-    );
+    )
+    .default_service(web::to(not_found));
 }
 
 /// Internal listener: the peer API only.
@@ -156,7 +158,9 @@ async fn index(state: web::Data<AppState>, q: Query) -> HttpResponse {
     html(StatusCode::OK, page.render())
 }
 
-fn render_chat(state: &AppState, uid: &str, to: &str, room: &str) -> HttpResponse {
+/// The messenger page, with the conversation of `to` or `room` open (or none, when
+/// `inbox`). In JWT mode `uid` may be empty: the page takes its identity from its token.
+fn render_chat(state: &AppState, uid: &str, to: &str, room: &str, inbox: bool) -> HttpResponse {
     let bad = |message: String| {
         html(
             StatusCode::BAD_REQUEST,
@@ -168,16 +172,19 @@ fn render_chat(state: &AppState, uid: &str, to: &str, room: &str) -> HttpRespons
             .render(),
         )
     };
-    if !valid_id(uid) {
+    let dev_mode = state.auth.is_development();
+    if (dev_mode || !uid.is_empty()) && !valid_id(uid) {
         return bad(format!(
             "Your id {uid:?} is not valid: use 1 to 64 characters of A-Z a-z 0-9 _ . -"
         ));
     }
     let conv = match (to.is_empty(), room.is_empty()) {
+        (true, true) if inbox => String::new(),
         (false, true) if !valid_id(to) => {
             return bad(format!("The person {to:?} is not a valid id."))
         }
         (false, true) if to == uid => return bad("Choose someone other than yourself.".into()),
+        (false, true) if uid.is_empty() => String::new(),
         (false, true) => dm_conv(uid, to),
         (true, false) if !valid_id(room) => {
             return bad(format!("The room {room:?} is not a valid id."))
@@ -189,7 +196,7 @@ fn render_chat(state: &AppState, uid: &str, to: &str, room: &str) -> HttpRespons
         StatusCode::OK,
         ChatPage {
             node: &state.chat.node_id,
-            dev_mode: state.auth.is_development(),
+            dev_mode,
             uid,
             to,
             room,
@@ -200,17 +207,41 @@ fn render_chat(state: &AppState, uid: &str, to: &str, room: &str) -> HttpRespons
 }
 
 async fn chat_page(state: web::Data<AppState>, q: Query) -> HttpResponse {
-    render_chat(&state, param(&q, "uid"), param(&q, "to"), param(&q, "room"))
+    let (uid, to, room) = (param(&q, "uid"), param(&q, "to"), param(&q, "room"));
+    render_chat(&state, uid, to, room, false)
+}
+
+/// `GET /inbox?uid=U`: the messenger with no conversation open.
+async fn inbox_page(state: web::Data<AppState>, q: Query) -> HttpResponse {
+    render_chat(&state, param(&q, "uid"), "", "", true)
 }
 
 /// The URL of the system chatmesh replaces: `/home/index?uid=U&to_uid=V`.
 async fn old_dm_page(state: web::Data<AppState>, q: Query) -> HttpResponse {
-    render_chat(&state, param(&q, "uid"), param(&q, "to_uid"), "")
+    render_chat(&state, param(&q, "uid"), param(&q, "to_uid"), "", false)
 }
 
 /// The URL of the system chatmesh replaces: `/home/room?uid=U&groups_id=R`.
 async fn old_room_page(state: web::Data<AppState>, q: Query) -> HttpResponse {
-    render_chat(&state, param(&q, "uid"), "", param(&q, "groups_id"))
+    render_chat(&state, param(&q, "uid"), "", param(&q, "groups_id"), false)
+}
+
+/// Unknown routes: a page for browsers, JSON under `/api` (and for other methods).
+async fn not_found(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    let path = req.path();
+    let api = path == "/api" || path.starts_with("/api/");
+    if api || req.method() != actix_web::http::Method::GET {
+        return ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route").error_response();
+    }
+    html(
+        StatusCode::NOT_FOUND,
+        NotFoundPage {
+            node: &state.chat.node_id,
+            dev_mode: state.auth.is_development(),
+            path,
+        }
+        .render(),
+    )
 }
 
 async fn static_file(path: web::Path<String>) -> HttpResponse {

@@ -16,17 +16,20 @@ pub struct IndexPage<'a> {
     pub room: &'a str,
 }
 
-/// `GET /chat?uid=U&to=V` and `GET /chat?uid=U&room=R`.
+/// The messenger: `GET /chat?uid=U&to=V`, `GET /chat?uid=U&room=R` (the conversation
+/// open) and `GET /inbox?uid=U` (none open). In JWT mode `uid` may be empty: the page
+/// learns who it is from the token it keeps.
 #[derive(Template)]
 #[template(path = "chat.html")]
 pub struct ChatPage<'a> {
     pub node: &'a str,
     pub dev_mode: bool,
     pub uid: &'a str,
-    /// Exactly one of `to` and `room` is non-empty.
+    /// At most one of `to` and `room` is non-empty.
     pub to: &'a str,
     pub room: &'a str,
-    /// The conversation id the page shows (`dm:A:B` or `room:R`).
+    /// The conversation id the page opens (`dm:A:B` or `room:R`), or empty (the inbox
+    /// only, or a DM whose uid the page learns from its token).
     pub conv: &'a str,
 }
 
@@ -38,6 +41,11 @@ pub struct StaticFile {
 }
 
 pub const STATIC_FILES: &[StaticFile] = &[
+    StaticFile {
+        path: "chatmesh.js",
+        content_type: "text/javascript; charset=utf-8",
+        body: include_str!("../static/chatmesh.js"),
+    },
     StaticFile {
         path: "chat.js",
         content_type: "text/javascript; charset=utf-8",
@@ -57,4 +65,13 @@ pub struct ErrorPage<'a> {
     pub node: &'a str,
     pub dev_mode: bool,
     pub message: &'a str,
+}
+
+/// Any route that does not exist (404).
+#[derive(Template)]
+#[template(path = "not_found.html")]
+pub struct NotFoundPage<'a> {
+    pub node: &'a str,
+    pub dev_mode: bool,
+    pub path: &'a str,
 }

@@ -1,907 +1,1364 @@
-// chatmesh web client: plain JS, no build step, no libraries.
+// chatmesh pages: the glue between the DOM and the client library (chatmesh.js).
 //
-// Two pages load this file:
-//   - the start page (form#start-form): keeps the unused field out of the query;
-//   - the chat page (main#chat): speaks the websocket protocol of the contract
-//     (section 3): welcome / join / sync / history / presence / direct / room.
+// Two pages load this module:
+//   - the start page (form#start-form): checks the form, keeps a token in this tab's
+//     sessionStorage (JWT mode) instead of the URL;
+//   - the messenger (main#chat): inbox on the left, the open conversation on the right.
 //
-// Message text is only ever put into the page with textContent / createTextNode.
-(function () {
-  'use strict';
+// Everything the protocol asks (reconnects, sync, gaps, the outbox, marks, typing,
+// presence, rooms) is in chatmesh.js; this file only draws. Message text is only ever
+// put into the page with textContent.
+import { ChatClient, ChatError, dmConv, roomConv, parseConv, peerOf, validId } from './chatmesh.js';
 
-  var started = false;
-  function init() {
-    if (started) return;
-    started = true;
-    var start = document.getElementById('start-form');
-    if (start) startPage(start);
-    var chat = document.getElementById('chat');
-    if (chat) chatPage(chat);
-  }
-  // A `defer` script runs once the document is parsed (readyState "interactive").
-  if (document.readyState === 'loading') document.addEventListener('DOMContentLoaded', init);
-  else init();
+const TOKEN_KEY = 'chatmesh:token';
+const DEBUG_KEY = 'chatmesh:debug';
 
-  // ---------------------------------------------------------------- start page
+const startForm = document.getElementById('start-form');
+if (startForm) startPage(startForm);
+const messengerRoot = document.getElementById('chat');
+if (messengerRoot) messenger(messengerRoot);
 
-  function startPage(form) {
-    var to = form.querySelector('input[name="to"]');
-    var room = form.querySelector('input[name="room"]');
-    var err = document.getElementById('start-error');
+// ------------------------------------------------------------------ helpers
 
-    function showError(text) {
-      if (!err) return;
-      err.textContent = text;
-      err.hidden = !text;
-    }
+function $(id) {
+  return document.getElementById(id);
+}
 
-    form.addEventListener('submit', function (ev) {
-      var kind = ev.submitter && ev.submitter.dataset ? ev.submitter.dataset.kind : '';
-      if (!kind) kind = to.value && !room.value ? 'to' : room.value && !to.value ? 'room' : '';
-      if (!kind) {
-        ev.preventDefault();
-        showError('Fill in a person or a room.');
-        return;
-      }
-      var used = kind === 'to' ? to : room;
-      var unused = kind === 'to' ? room : to;
-      if (!used.value) {
-        ev.preventDefault();
-        showError(kind === 'to' ? 'Whom do you want to talk to?' : 'Which room?');
-        used.focus();
-        return;
-      }
-      showError('');
-      // A disabled field is not submitted: the query has exactly one of to / room.
-      unused.disabled = true;
+function el(tag, className, text) {
+  const e = document.createElement(tag);
+  if (className) e.className = className;
+  if (text != null) e.textContent = text;
+  return e;
+}
+
+function clear(node) {
+  while (node.firstChild) node.removeChild(node.firstChild);
+}
+
+/** A stable colour per id, for avatars. */
+function hue(id) {
+  let h = 0;
+  for (let i = 0; i < id.length; i++) h = (h * 31 + id.charCodeAt(i)) >>> 0;
+  return h % 360;
+}
+
+function paintAvatar(node, name, isRoom) {
+  node.textContent = isRoom ? '#' : (name || '?').slice(0, 1).toUpperCase();
+  node.style.setProperty('--avatar-hue', String(hue(name || '?')));
+  node.classList.toggle('room-avatar', !!isRoom);
+}
+
+function sameDay(a, b) {
+  return a.getFullYear() === b.getFullYear() && a.getMonth() === b.getMonth() && a.getDate() === b.getDate();
+}
+
+function timeOf(ts) {
+  return new Date(ts).toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
+}
+
+/** Short time for the inbox: today's time, else weekday (this week) or date. */
+function shortWhen(ts) {
+  if (!ts) return '';
+  const d = new Date(ts);
+  const now = new Date();
+  if (sameDay(d, now)) return timeOf(ts);
+  const days = (now - d) / 86400000;
+  if (days < 6) return d.toLocaleDateString([], { weekday: 'short' });
+  return d.toLocaleDateString([], { day: 'numeric', month: 'short' });
+}
+
+function dayLabel(ts) {
+  const d = new Date(ts);
+  const now = new Date();
+  if (sameDay(d, now)) return 'Today';
+  const y = new Date(now);
+  y.setDate(now.getDate() - 1);
+  if (sameDay(d, y)) return 'Yesterday';
+  const opts = { weekday: 'long', day: 'numeric', month: 'long' };
+  if (d.getFullYear() !== now.getFullYear()) opts.year = 'numeric';
+  return d.toLocaleDateString([], opts);
+}
+
+function capitalise(s) {
+  return s ? s.charAt(0).toUpperCase() + s.slice(1) : s;
+}
+
+// ------------------------------------------------------------------ start page
+
+function startPage(form) {
+  const jwt = form.dataset.mode === 'jwt';
+  const err = $('start-error');
+  const to = $('start-to');
+  const room = $('start-room');
+  const who = jwt ? $('start-token') : $('start-uid');
+  const inputs = Array.from(form.querySelectorAll('input'));
+
+  // Red only after the user touched a field (not on an empty page).
+  for (const input of inputs) {
+    input.addEventListener('blur', () => {
+      if (input.value) input.classList.add('touched');
     });
-
-    // Coming back with the back button (bfcache): make both fields usable again.
-    window.addEventListener('pageshow', function () {
-      to.disabled = false;
-      room.disabled = false;
+    input.addEventListener('input', () => {
+      if (input.classList.contains('touched') || input.validity.valid) return;
+      if (input.value.length > 1) input.classList.add('touched');
     });
   }
+  if (jwt) {
+    const kept = sessionStorage.getItem(TOKEN_KEY);
+    if (kept && !who.value) who.value = kept;
+  }
 
-  // ---------------------------------------------------------------- chat page
-
-  function chatPage(root) {
-    var cfg = {
-      uid: root.dataset.uid || '',
-      to: root.dataset.to || '',
-      room: root.dataset.room || '',
-      conv: root.dataset.conv || '',
-      node: root.dataset.node || '',
-    };
-    var query = new URLSearchParams(location.search);
-    var token = query.get('token');
-    var isRoom = !!cfg.room;
-
-    var el = {
-      title: document.getElementById('chat-title'),
-      conn: document.getElementById('conn-status'),
-      presence: document.getElementById('presence'),
-      members: document.getElementById('members'),
-      status: document.getElementById('status-msg'),
-      notices: document.getElementById('notices'),
-      scroller: document.getElementById('scroller'),
-      older: document.getElementById('load-older'),
-      list: document.getElementById('messages'),
-      form: document.getElementById('send-form'),
-      input: document.getElementById('send-input'),
-    };
-
-    var BACKOFF_MIN = 500;
-    var BACKOFF_MAX = 15000;
-    var PRESENCE_EVERY = 10000;
-    var RESEND_AFTER = 15000; // a send with no answer this long is sent again
-    var MAX_BODY_BYTES = 4096;
-    var HISTORY_LIMIT = 50;
-
-    var state = {
-      me: cfg.uid,
-      conv: cfg.conv,
-      status: 'connecting', // connecting | online | reconnecting | closed
-      welcomed: false, // welcome received on the current socket
-      ready: false, // welcomed and (DM page, or joined the room)
-      joined: !isRoom,
-      attempt: 0,
-      node: '',
-      cursors: {}, // conv -> highest seq seen (mirrored in localStorage)
-      bySeq: new Map(), // seq -> element, this page's conversation
-      pending: new Map(), // client_id -> {body, el, lastSent, retryAt, tries}
-      historyLoaded: false, // the latest page of history was asked on this page load
-      historyInFlight: false,
-      hasOlder: false,
-      syncing: false,
-      online: new Set(), // room page: members online
-      known: new Set(), // room page: members we know of (for presence questions)
-      peerOnline: null,
-    };
-
-    var ws = null;
-    var reconnectTimer = null;
-    var countdownTimer = null;
-    var presenceTimer = null;
-    var statusTimer = null;
-    var encoder = typeof TextEncoder === 'function' ? new TextEncoder() : null;
-
-    // ------------------------------------------------------------ storage
-
-    function cursorKey() {
-      return 'chatmesh:cursors:' + state.me;
+  function fail(text, field) {
+    err.textContent = text;
+    err.hidden = !text;
+    if (field) {
+      field.classList.add('touched');
+      field.focus();
     }
-    function outboxKey() {
-      return 'chatmesh:outbox:' + state.me + ':' + state.conv;
+  }
+
+  form.addEventListener('submit', (ev) => {
+    let kind = ev.submitter && ev.submitter.dataset ? ev.submitter.dataset.kind : '';
+    if (!kind) kind = to.value && !room.value ? 'to' : room.value && !to.value ? 'room' : 'inbox';
+    const id = who.value.trim();
+    if (!id) {
+      ev.preventDefault();
+      return fail(jwt ? 'Paste your access token first.' : 'Choose your id first.', who);
     }
-    function loadJSON(key, fallback) {
-      try {
-        var v = JSON.parse(localStorage.getItem(key));
-        return v && typeof v === 'object' ? v : fallback;
-      } catch (e) {
-        return fallback;
-      }
+    if (!jwt && !validId(id)) {
+      ev.preventDefault();
+      return fail('Your id may only use letters, digits and _ . - (at most 64).', who);
     }
-    function saveJSON(key, value) {
-      try {
-        localStorage.setItem(key, JSON.stringify(value));
-      } catch (e) {
-        /* storage full or disabled: the page still works */
-      }
+    const used = kind === 'to' ? to : kind === 'room' ? room : null;
+    if (used && !used.value) {
+      ev.preventDefault();
+      return fail(kind === 'to' ? 'Whom do you want to talk to?' : 'Which room?', used);
     }
-    function loadCursors() {
-      var c = loadJSON(cursorKey(), {});
-      var out = {};
-      Object.keys(c).forEach(function (k) {
-        if (typeof c[k] === 'number' && c[k] > 0) out[k] = c[k];
-      });
-      state.cursors = out;
+    if (used && !validId(used.value)) {
+      ev.preventDefault();
+      return fail('Ids may only use letters, digits and _ . - (at most 64).', used);
     }
-    // Raises the cursor of `conv` to `seq`; merges with what other tabs stored.
-    function bumpCursor(conv, seq) {
-      if (typeof seq !== 'number' || !conv) return;
-      var stored = loadJSON(cursorKey(), {});
-      Object.keys(stored).forEach(function (k) {
-        if (typeof stored[k] === 'number' && !(state.cursors[k] >= stored[k])) {
-          state.cursors[k] = stored[k];
-        }
-      });
-      if (!(state.cursors[conv] >= seq)) state.cursors[conv] = seq;
-      saveJSON(cursorKey(), state.cursors);
+    if (!jwt && kind === 'to' && used.value === id) {
+      ev.preventDefault();
+      return fail('Choose someone other than yourself.', used);
     }
-    function saveOutbox() {
-      var list = [];
-      state.pending.forEach(function (p, id) {
-        if (!p.failed) list.push({ client_id: id, body: p.body, created: p.created });
-      });
-      if (list.length) saveJSON(outboxKey(), list);
-      else {
-        try {
-          localStorage.removeItem(outboxKey());
-        } catch (e) {
-          /* ignore */
-        }
-      }
+    fail('');
+    if (jwt) {
+      // The token goes to this tab's storage, not into URLs and history.
+      ev.preventDefault();
+      sessionStorage.setItem(TOKEN_KEY, id);
+      const q = new URLSearchParams();
+      if (kind === 'to') q.set('to', used.value);
+      if (kind === 'room') q.set('room', used.value);
+      location.assign((kind === 'inbox' ? '/inbox' : '/chat') + (q.toString() ? '?' + q : ''));
+      return;
     }
+    // A disabled field is not submitted: the query has at most one of to / room.
+    to.disabled = kind !== 'to';
+    room.disabled = kind !== 'room';
+  });
 
-    // ------------------------------------------------------------ helpers
+  // Back from the chat (bfcache): every field usable again.
+  window.addEventListener('pageshow', () => {
+    to.disabled = false;
+    room.disabled = false;
+  });
+}
 
-    function newClientId() {
-      if (window.crypto && typeof window.crypto.randomUUID === 'function') {
-        return window.crypto.randomUUID();
-      }
-      var bytes = new Uint8Array(16);
-      if (window.crypto && window.crypto.getRandomValues) window.crypto.getRandomValues(bytes);
-      else for (var i = 0; i < 16; i++) bytes[i] = Math.floor(Math.random() * 256);
-      return Array.prototype.map
-        .call(bytes, function (b) {
-          return (b + 256).toString(16).slice(1);
-        })
-        .join('');
+// ------------------------------------------------------------------ messenger
+
+async function messenger(root) {
+  const dev = root.dataset.mode === 'dev';
+  const ui = {
+    conn: $('conn-status'),
+    meName: $('me-name'),
+    meAvatar: $('me-avatar'),
+    debugToggle: $('debug-toggle'),
+    debugInfo: $('debug-info'),
+    newChat: $('new-chat'),
+    newChatInput: $('new-chat-input'),
+    newRoomToggle: $('new-room-toggle'),
+    newRoomForm: $('new-room-form'),
+    newRoomName: $('new-room-name'),
+    newRoomPrivate: $('new-room-private'),
+    newRoomError: $('new-room-error'),
+    inbox: $('inbox'),
+    inboxEmpty: $('inbox-empty'),
+    placeholder: $('conv-placeholder'),
+    head: root.querySelector('.conv-head'),
+    main: root.querySelector('.conv-main'),
+    back: $('back'),
+    convAvatar: $('conv-avatar'),
+    title: $('chat-title'),
+    presence: $('presence'),
+    roomMeta: $('room-meta'),
+    membersToggle: $('members-toggle'),
+    banner: $('banner'),
+    bannerText: $('banner-text'),
+    bannerRetry: $('banner-retry'),
+    toasts: $('toasts'),
+    scroller: $('scroller'),
+    older: $('load-older'),
+    list: $('messages'),
+    empty: $('conv-empty'),
+    refusal: $('refusal'),
+    refusalTitle: $('refusal-title'),
+    refusalReason: $('refusal-reason'),
+    refusalAction: $('refusal-action'),
+    typing: $('typing'),
+    editBar: $('edit-bar'),
+    editCancel: $('edit-cancel'),
+    form: $('send-form'),
+    input: $('send-input'),
+    sendButton: $('send-button'),
+    panel: $('room-panel'),
+    memberCount: $('member-count'),
+    addMember: $('add-member'),
+    addMemberInput: $('add-member-input'),
+    memberError: $('member-error'),
+    memberList: $('member-list'),
+    membersClose: $('members-close'),
+    leaveRoom: $('leave-room'),
+    authError: $('auth-error'),
+    authReason: $('auth-reason'),
+  };
+
+  // ---------------------------------------------------------------- identity
+
+  let uid = root.dataset.uid || '';
+  let token = null;
+  if (!dev) {
+    const q = new URLSearchParams(location.search);
+    if (q.get('token')) {
+      token = q.get('token');
+      sessionStorage.setItem(TOKEN_KEY, token);
+      q.delete('token');
+      q.delete('uid');
+      history.replaceState(history.state, '', location.pathname + (q.toString() ? '?' + q : ''));
+    } else {
+      token = sessionStorage.getItem(TOKEN_KEY);
     }
-
-    function byteLength(s) {
-      return encoder ? encoder.encode(s).length : unescape(encodeURIComponent(s)).length;
+    if (!token) return showAuthError('This server signs users in with a token, and this tab has none.');
+    // A refused websocket upgrade says nothing to a page: ask the server why first.
+    try {
+      const r = await fetch('/session?token=' + encodeURIComponent(token), { cache: 'no-store' });
+      const body = await r.json().catch(() => ({}));
+      if (r.status === 401) return showAuthError(body.message || 'The token was refused.');
+      if (r.ok && typeof body.uid === 'string') uid = body.uid;
+    } catch (e) {
+      /* the node is not reachable now: the client keeps trying */
     }
+  }
 
-    function formatTime(ts) {
-      if (typeof ts !== 'number') return '';
-      var d = new Date(ts);
-      var now = new Date();
-      var opts = { hour: '2-digit', minute: '2-digit' };
-      if (d.toDateString() !== now.toDateString()) {
-        opts.year = 'numeric';
-        opts.month = 'short';
-        opts.day = 'numeric';
-      }
-      try {
-        return d.toLocaleString([], opts);
-      } catch (e) {
-        return d.toISOString();
-      }
-    }
+  function showAuthError(reason) {
+    root.dataset.auth = 'refused';
+    ui.authReason.textContent = capitalise(reason);
+    ui.authError.hidden = false;
+    setConn('unauthorized', 'Not signed in');
+    sessionStorage.removeItem(TOKEN_KEY);
+  }
 
-    function chatLink(params) {
-      var q = new URLSearchParams();
-      q.set('uid', state.me);
-      Object.keys(params).forEach(function (k) {
-        q.set(k, params[k]);
-      });
-      if (token) q.set('token', token);
-      return '/chat?' + q.toString();
-    }
+  const wsUrl = (location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + '/ws';
+  const client = new ChatClient(
+    dev ? { url: wsUrl, uid, sessionUrl: '/session' } : { url: wsUrl, token, sessionUrl: '/session' },
+  );
 
-    function peerOf(msg) {
-      if (msg.room) return null;
-      if (msg.from && msg.from !== state.me) return msg.from;
-      if (msg.to && msg.to !== state.me) return msg.to;
-      // dm:A:B
-      var parts = String(msg.conv || '').split(':');
-      if (parts.length === 3) return parts[1] === state.me ? parts[2] : parts[1];
-      return null;
-    }
+  // ---------------------------------------------------------------- page state
 
-    function send(frame) {
-      if (!ws || ws.readyState !== WebSocket.OPEN) return false;
-      try {
-        ws.send(JSON.stringify(frame));
-        return true;
-      } catch (e) {
-        return false;
-      }
-    }
+  /** The open conversation: {conv, kind, peer?, room?} or null. */
+  let current = null;
+  /** seq -> element of the open conversation; clientId -> pending element. */
+  let shown = new Map();
+  let pendingShown = new Map();
+  let historyLoaded = false;
+  let historyInFlight = false;
+  let roomInfo = null;
+  let editing = null;
+  let stuckToBottom = true;
+  let debug = localStorage.getItem(DEBUG_KEY) === '1';
+  const wantedTo = root.dataset.to || '';
+  const wantedRoom = root.dataset.room || '';
 
-    // ------------------------------------------------------------ status
+  function setMe() {
+    ui.meName.textContent = uid || '…';
+    paintAvatar(ui.meAvatar, uid || '?', false);
+  }
+  setMe();
 
-    function setConn(kind, text) {
-      state.status = kind;
-      el.conn.className = 'conn conn-' + kind;
-      el.conn.textContent = text;
-      root.dataset.conn = kind;
-    }
+  function setDebug(on) {
+    debug = on;
+    document.body.classList.toggle('debug', on);
+    ui.debugToggle.setAttribute('aria-pressed', String(on));
+    ui.debugInfo.hidden = !on;
+    ui.debugInfo.textContent = on
+      ? 'node ' + (client.node || document.body.dataset.node || '?') + ' · epoch ' + (client.epoch || '?').slice(0, 8)
+      : '';
+  }
+  ui.debugToggle.addEventListener('click', () => {
+    localStorage.setItem(DEBUG_KEY, debug ? '0' : '1');
+    setDebug(!debug);
+  });
+  setDebug(debug);
 
-    function showStatus(text, ms) {
-      if (!el.status) return;
-      el.status.textContent = text;
-      el.status.hidden = false;
-      clearTimeout(statusTimer);
-      statusTimer = setTimeout(function () {
-        el.status.hidden = true;
-        el.status.textContent = '';
-      }, ms || 5000);
-    }
+  // ---------------------------------------------------------------- connection
 
-    // ------------------------------------------------------------ rendering
+  let bannerTimer = null;
+  let countdown = null;
 
-    function nearBottom() {
-      var s = el.scroller;
-      return s.scrollHeight - s.scrollTop - s.clientHeight < 80;
-    }
-    function scrollToBottom() {
-      el.scroller.scrollTop = el.scroller.scrollHeight;
-    }
+  function setConn(state, text) {
+    root.dataset.conn = state;
+    ui.conn.dataset.state = state;
+    ui.conn.textContent = text;
+  }
 
-    function makeMessageEl(msg, own) {
-      var li = document.createElement('li');
-      li.className = 'msg ' + (own ? 'own' : 'other');
-      li.dataset.conv = msg.conv || state.conv;
-      li.dataset.seq = msg.seq != null ? String(msg.seq) : '';
-      li.dataset.state = 'received';
+  function showBanner(text, retry) {
+    ui.bannerText.textContent = text;
+    ui.bannerRetry.hidden = !retry;
+    ui.banner.hidden = false;
+  }
 
-      var meta = document.createElement('div');
-      meta.className = 'meta';
-      var from = document.createElement('span');
-      from.className = 'from';
-      from.textContent = own ? 'you' : msg.from || '?';
-      var time = document.createElement('time');
-      time.className = 'time';
-      var mstate = document.createElement('span');
-      mstate.className = 'mstate';
-      meta.appendChild(from);
-      meta.appendChild(document.createTextNode(' '));
-      meta.appendChild(time);
-      meta.appendChild(document.createTextNode(' '));
-      meta.appendChild(mstate);
-
-      var body = document.createElement('div');
-      body.className = 'body';
-      body.textContent = msg.body == null ? '' : String(msg.body);
-
-      li.appendChild(meta);
-      li.appendChild(body);
-      setTime(li, msg.ts);
-      return li;
-    }
-
-    function setTime(li, ts) {
-      var time = li.querySelector('.time');
-      if (typeof ts === 'number') {
-        time.textContent = formatTime(ts);
-        time.dateTime = new Date(ts).toISOString();
-        time.title = new Date(ts).toLocaleString();
-      }
-    }
-
-    function setState(li, s, note) {
-      li.dataset.state = s;
-      var label = li.querySelector('.mstate');
-      var text = '';
-      if (s === 'pending') text = 'sending…';
-      else if (s === 'stored') text = '✓ #' + li.dataset.seq;
-      else if (s === 'failed') text = 'not sent' + (note ? ': ' + note : '');
-      label.textContent = text;
-      label.title = s === 'stored' ? 'stored as message ' + li.dataset.seq : '';
-    }
-
-    // Inserts a stored element at its place by seq (pending ones stay at the end).
-    function placeBySeq(li, seq) {
-      var node = el.list.firstElementChild;
-      while (node) {
-        var s = node.dataset.seq;
-        if (s === '' || Number(s) > seq) break;
-        node = node.nextElementSibling;
-      }
-      el.list.insertBefore(li, node);
-    }
-
-    function updateOlderButton() {
-      el.older.hidden = !(state.hasOlder && state.bySeq.size > 0);
-      el.older.disabled = state.historyInFlight;
-    }
-
-    function lowestSeq() {
-      var low = Infinity;
-      state.bySeq.forEach(function (_, seq) {
-        if (seq < low) low = seq;
-      });
-      return low === Infinity ? null : low;
-    }
-
-    // The highest seq such that every seq from the lowest shown up to it is shown:
-    // a safe `sync` cursor for this page even if a live message overtook another.
-    function contiguousTop() {
-      var low = lowestSeq();
-      if (low == null) return null;
-      var s = low;
-      while (state.bySeq.has(s + 1)) s++;
-      return s;
-    }
-
-    // ------------------------------------------------------------ messages in
-
-    function onMessage(msg) {
-      if (!msg || typeof msg.conv !== 'string' || typeof msg.seq !== 'number') return;
-      var before = state.cursors[msg.conv];
-      bumpCursor(msg.conv, msg.seq);
-      if (msg.conv === state.conv) {
-        showMessage(msg);
-        if (isRoom && msg.from) learnMember(msg.from);
-      } else {
-        // Another conversation: a small notice, unless it is old news (a first sync
-        // of a conversation this browser had no cursor for) or our own message.
-        var isNew = before == null ? !state.syncing : msg.seq > before;
-        if (isNew && msg.from !== state.me) notice(msg);
-      }
-    }
-
-    function showMessage(msg) {
-      if (state.bySeq.has(msg.seq)) return; // duplicate (sync, history, live)
-      var stick = nearBottom();
-      var own = msg.from === state.me;
-      var li = makeMessageEl(msg, own);
-      li.dataset.id = msg.id || '';
-      state.bySeq.set(msg.seq, li);
-      setState(li, own ? 'stored' : 'received');
-      placeBySeq(li, msg.seq);
-      updateOlderButton();
-      if (stick) scrollToBottom();
-    }
-
-    function notice(msg) {
-      var key = msg.conv;
-      var li = null;
-      Array.prototype.forEach.call(el.notices.children, function (n) {
-        if (n.dataset.conv === key) li = n;
-      });
-      if (!li) {
-        li = document.createElement('li');
-        li.className = 'notice';
-        li.dataset.conv = key;
-        li.dataset.count = '0';
-        var a = document.createElement('a');
-        a.href = msg.room ? chatLink({ room: msg.room }) : chatLink({ to: peerOf(msg) || '' });
-        var close = document.createElement('button');
-        close.type = 'button';
-        close.className = 'notice-close';
-        close.setAttribute('aria-label', 'dismiss');
-        close.textContent = '×';
-        close.addEventListener('click', function () {
-          li.remove();
-        });
-        li.appendChild(a);
-        li.appendChild(close);
-        el.notices.appendChild(li);
-        while (el.notices.children.length > 5) el.notices.firstElementChild.remove();
-      }
-      var n = Number(li.dataset.count) + 1;
-      li.dataset.count = String(n);
-      var what = n === 1 ? 'new message' : n + ' new messages';
-      var where = msg.room ? ' in #' + msg.room : '';
-      li.firstChild.textContent = what + ' from ' + (msg.from || '?') + where;
-    }
-
-    // ------------------------------------------------------------ sending
-
-    function queueSend(body) {
-      var id = newClientId();
-      var li = makeMessageEl({ conv: state.conv, from: state.me, body: body, ts: Date.now() }, true);
-      li.dataset.clientId = id;
-      setState(li, 'pending');
-      el.list.appendChild(li);
-      var p = { body: body, el: li, lastSent: 0, retryAt: 0, tries: 0, created: Date.now() };
-      state.pending.set(id, p);
-      saveOutbox();
-      scrollToBottom();
-      trySend(id);
-    }
-
-    function sendFrame(id, body) {
-      return isRoom
-        ? { type: 'room', room: cfg.room, body: body, client_id: id }
-        : { type: 'direct', to: cfg.to, body: body, client_id: id };
-    }
-
-    function trySend(id) {
-      var p = state.pending.get(id);
-      if (!p || p.failed || !state.ready) return;
-      if (send(sendFrame(id, p.body))) {
-        p.lastSent = Date.now();
-        p.retryAt = 0;
-        p.tries++;
-      }
-    }
-
-    function flushPending(force) {
-      if (!state.ready) return;
-      var now = Date.now();
-      state.pending.forEach(function (p, id) {
-        if (p.failed) return;
-        // After a (re)connect every unconfirmed send goes again (same client_id).
-        var due = force || (p.retryAt ? now >= p.retryAt : !p.lastSent || now - p.lastSent > RESEND_AFTER);
-        if (due) trySend(id);
-      });
-    }
-
-    function onSent(f) {
-      var p = state.pending.get(f.client_id);
-      if (typeof f.seq === 'number' && f.conv) bumpCursor(f.conv, f.seq);
-      if (!p) return; // another tab's send, or an answer to a resend already handled
-      state.pending.delete(f.client_id);
-      saveOutbox();
-      var li = p.el;
-      if (f.conv !== state.conv) {
-        // Should not happen (the page sends to its own conversation only).
-        li.remove();
-        return;
-      }
-      var existing = state.bySeq.get(f.seq);
-      if (existing) {
-        // A copy (from sync) arrived before this answer: keep one element.
-        li.remove();
-        existing.className = 'msg own';
-        existing.querySelector('.from').textContent = 'you';
-        setState(existing, 'stored');
-        return;
-      }
-      li.remove();
-      li.dataset.seq = String(f.seq);
-      li.dataset.id = f.id || '';
-      setTime(li, f.ts);
-      state.bySeq.set(f.seq, li);
-      setState(li, 'stored');
-      var stick = nearBottom();
-      placeBySeq(li, f.seq);
-      updateOlderButton();
-      if (stick) scrollToBottom();
-    }
-
-    function onSendError(f) {
-      var p = state.pending.get(f.client_id);
-      if (!p) {
-        showStatus(f.message || f.code || 'error');
-        return;
-      }
-      if (f.code === 'unavailable' || f.code === 'rate_limited') {
-        // Not confirmed: send again later with the same client_id (idempotent).
-        var delay = Math.min(BACKOFF_MAX, 1000 * Math.pow(2, Math.min(p.tries, 4)));
-        p.retryAt = Date.now() + delay * (0.75 + Math.random() * 0.5);
-        p.el.querySelector('.mstate').textContent = 'sending… (retrying)';
-        return;
-      }
-      p.failed = true;
-      state.pending.delete(f.client_id);
-      saveOutbox();
-      setState(p.el, 'failed', f.message || f.code);
-    }
-
-    // ------------------------------------------------------------ sync / history
-
-    function syncCursors() {
-      var c = {};
-      Object.keys(state.cursors).forEach(function (k) {
-        c[k] = state.cursors[k];
-      });
-      // This page's own conversation: only as far as the page has it without gaps.
-      if (state.historyLoaded) {
-        var top = contiguousTop();
-        if (top != null) c[state.conv] = top;
-        else delete c[state.conv];
-      }
-      return c;
-    }
-
-    function startSync() {
-      var cursors = syncCursors();
-      state.syncing = true;
-      send({ type: 'sync', cursors: cursors });
-    }
-
-    function onSynced(f) {
-      var more = Array.isArray(f.more) ? f.more : [];
-      if (more.length) {
-        // More than a page waited in those conversations: ask again from the new cursors.
-        send({ type: 'sync', cursors: syncCursors() });
-      } else {
-        state.syncing = false;
-      }
-      if (isRoom) askPresence();
-    }
-
-    function requestLatestHistory() {
-      state.historyInFlight = true;
-      updateOlderButton();
-      send({ type: 'history', conv: state.conv, limit: HISTORY_LIMIT });
-    }
-
-    function requestOlder() {
-      var low = lowestSeq();
-      if (low == null || state.historyInFlight || !state.ready) return;
-      state.historyInFlight = true;
-      updateOlderButton();
-      send({ type: 'history', conv: state.conv, before: low, limit: HISTORY_LIMIT });
-    }
-
-    function onHistory(f) {
-      if (f.conv !== state.conv) return;
-      state.historyInFlight = false;
-      var first = !state.historyLoaded;
-      state.historyLoaded = true;
-      var msgs = Array.isArray(f.messages) ? f.messages : [];
-      // Keep the view where it is when older messages are added above.
-      var s = el.scroller;
-      var fromBottom = s.scrollHeight - s.scrollTop;
-      var stick = nearBottom();
-      var top = 0;
-      msgs.forEach(function (m) {
-        if (typeof m.seq !== 'number') return;
-        if (m.seq > top) top = m.seq;
-        if (!m.conv) m.conv = f.conv;
-        if (state.bySeq.has(m.seq)) return;
-        var own = m.from === state.me;
-        var li = makeMessageEl(m, own);
-        li.dataset.id = m.id || '';
-        state.bySeq.set(m.seq, li);
-        setState(li, own ? 'stored' : 'received');
-        placeBySeq(li, m.seq);
-        if (isRoom && m.from) learnMember(m.from);
-      });
-      if (top) bumpCursor(f.conv, top);
-      // The answer to "load older", or the first (latest) page: either tells whether
-      // anything older than what is shown is kept.
-      root.dataset.loaded = 'true';
-      if (first || msgs.length === 0 || msgs[0].seq <= (lowestSeq() || Infinity)) state.hasOlder = !!f.more;
-      updateOlderButton();
-      if (stick) scrollToBottom();
-      else s.scrollTop = s.scrollHeight - fromBottom;
-    }
-
-    // ------------------------------------------------------------ presence
-
-    function renderPresence() {
-      if (!el.presence) return;
-      var on = state.peerOnline;
-      el.presence.className =
-        'presence ' + (on === true ? 'presence-online' : on === false ? 'presence-offline' : 'presence-unknown');
-      el.presence.dataset.online = on === null ? '' : String(on);
-      el.presence.textContent = cfg.to + ': ' + (on === true ? 'online' : on === false ? 'offline' : 'unknown');
-    }
-
-    function renderMembers() {
-      if (!el.members) return;
-      var names = Array.from(state.online);
-      if (state.me && state.ready) names.push(state.me);
-      names = Array.from(new Set(names)).sort();
-      while (el.members.firstChild) el.members.removeChild(el.members.firstChild);
-      names.forEach(function (name) {
-        var li = document.createElement('li');
-        li.dataset.uid = name;
-        li.textContent = name === state.me ? name + ' (you)' : name;
-        el.members.appendChild(li);
-      });
-    }
-
-    var presenceSoon = null;
-    // Remembers a member of this room; a new one is asked about shortly (batched).
-    function learnMember(uid) {
-      if (!uid || uid === state.me || state.known.has(uid)) return;
-      state.known.add(uid);
-      if (!presenceSoon && state.welcomed) {
-        presenceSoon = setTimeout(function () {
-          presenceSoon = null;
-          askPresence();
-        }, 300);
-      }
-    }
-
-    function askPresence() {
-      if (!state.welcomed) return;
-      if (!isRoom) {
-        send({ type: 'presence', uids: [cfg.to] });
-        return;
-      }
-      var uids = Array.from(state.known).slice(0, 100);
-      if (uids.length) send({ type: 'presence', uids: uids });
-    }
-
-    function onPresence(f) {
-      if (typeof f.uid !== 'string') return;
-      if (f.room != null) {
-        if (!isRoom || f.room !== cfg.room) return;
-        learnMember(f.uid);
-        if (f.online) state.online.add(f.uid);
-        else state.online.delete(f.uid);
-        renderMembers();
-        return;
-      }
-      if (isRoom) {
-        // An answer to our question about members seen in this room.
-        if (!state.known.has(f.uid) || f.uid === state.me) return;
-        if (f.online) state.online.add(f.uid);
-        else state.online.delete(f.uid);
-        renderMembers();
-      } else if (f.uid === cfg.to) {
-        state.peerOnline = !!f.online;
-        renderPresence();
-      }
-    }
-
-    // ------------------------------------------------------------ connection
-
-    function wsUrl() {
-      var proto = location.protocol === 'https:' ? 'wss:' : 'ws:';
-      var q = token ? 'token=' + encodeURIComponent(token) : 'uid=' + encodeURIComponent(cfg.uid);
-      return proto + '//' + location.host + '/ws?' + q;
-    }
-
-    function connect() {
-      clearTimeout(reconnectTimer);
-      clearInterval(countdownTimer);
-      reconnectTimer = null;
-      if (ws) return;
-      setConn(state.attempt ? 'reconnecting' : 'connecting', state.attempt ? 'reconnecting…' : 'connecting…');
-      var sock;
-      try {
-        sock = new WebSocket(wsUrl());
-      } catch (e) {
-        scheduleReconnect(false);
-        return;
-      }
-      ws = sock;
-      sock.onmessage = function (ev) {
-        if (sock !== ws) return;
-        var f;
-        try {
-          f = JSON.parse(ev.data);
-        } catch (e) {
-          return;
-        }
-        if (f && typeof f === 'object') handle(f);
-      };
-      sock.onclose = function (ev) {
-        if (sock !== ws) return;
-        ws = null;
-        state.welcomed = false;
-        state.ready = false;
-        state.syncing = false;
-        state.historyInFlight = false;
-        clearInterval(presenceTimer);
-        updateOlderButton();
-        if (isRoom) {
-          state.online.clear();
-          renderMembers();
-        }
-        // 1012: the server restarts; another node (or this one) takes us at once.
-        scheduleReconnect(ev.code === 1012);
-      };
-      sock.onerror = function () {
-        /* onclose follows */
-      };
-    }
-
-    function scheduleReconnect(prompt) {
-      if (reconnectTimer) return;
-      var delay;
-      if (prompt) {
-        delay = 100 + Math.random() * 400;
-      } else {
-        var base = Math.min(BACKOFF_MAX, BACKOFF_MIN * Math.pow(2, state.attempt));
-        delay = base / 2 + Math.random() * (base / 2);
-      }
-      state.attempt++;
-      var at = Date.now() + delay;
-      var tick = function () {
-        var secs = Math.max(0, Math.ceil((at - Date.now()) / 1000));
-        setConn('reconnecting', secs > 0 ? 'reconnecting in ' + secs + 's' : 'reconnecting…');
+  client.on('status', (s) => {
+    clearInterval(countdown);
+    clearTimeout(bannerTimer);
+    if (s.state === 'open') {
+      setConn('online', 'Online');
+      ui.banner.hidden = true;
+    } else if (s.state === 'connecting') {
+      setConn('connecting', 'Connecting…');
+    } else if (s.state === 'reconnecting') {
+      const at = Date.now() + (s.delay || 0);
+      const tick = () => {
+        const secs = Math.ceil((at - Date.now()) / 1000);
+        const text = secs > 0 ? 'Reconnecting in ' + secs + ' s…' : 'Reconnecting…';
+        setConn('reconnecting', text);
+        if (!ui.banner.hidden || secs > 1) showBanner('Connection lost. ' + text, secs > 1);
       };
       tick();
-      clearInterval(countdownTimer);
-      countdownTimer = setInterval(tick, 1000);
-      reconnectTimer = setTimeout(function () {
-        reconnectTimer = null;
-        clearInterval(countdownTimer);
-        connect();
-      }, delay);
+      countdown = setInterval(tick, 1000);
+      // A short blip (a node restarting) does not need a banner.
+      bannerTimer = setTimeout(() => {
+        if (client.state !== 'open') showBanner('Connection lost. Reconnecting…', true);
+      }, 1500);
+    } else if (s.state === 'unauthorized') {
+      showAuthError(s.reason || 'The credentials were refused.');
     }
-
-    function onWelcome(f) {
-      state.welcomed = true;
-      state.attempt = 0;
-      state.node = f.node || '';
-      if (typeof f.uid === 'string' && f.uid && f.uid !== state.me) {
-        // JWT mode: the token's subject is who we are.
-        state.me = f.uid;
-        loadCursors();
-      }
-      setConn('online', 'connected' + (state.node ? ' (node ' + state.node + ')' : ''));
-      var rooms = Array.isArray(f.rooms) ? f.rooms : [];
-      if (isRoom && rooms.indexOf(cfg.room) < 0) {
-        state.joined = false;
-        send({ type: 'join', room: cfg.room });
-        setConn('online', 'joining #' + cfg.room + '…');
-      } else {
-        state.joined = true;
-        becomeReady();
-      }
-      clearInterval(presenceTimer);
-      presenceTimer = setInterval(askPresence, PRESENCE_EVERY);
-    }
-
-    function becomeReady() {
-      state.ready = true;
-      setConn('online', 'connected' + (state.node ? ' (node ' + state.node + ')' : ''));
-      if (!state.historyLoaded) requestLatestHistory();
-      startSync();
-      if (!isRoom) askPresence();
-      renderMembers();
-      flushPending(true);
-    }
-
-    function handle(f) {
-      switch (f.type) {
-        case 'welcome':
-          onWelcome(f);
-          break;
-        case 'joined':
-          if (isRoom && f.room === cfg.room && !state.ready && state.welcomed) {
-            state.joined = true;
-            becomeReady();
-          }
-          break;
-        case 'left':
-          if (isRoom && f.room === cfg.room) {
-            state.joined = false;
-            showStatus('You left #' + cfg.room + ' (in another window). Reload to join again.', 8000);
-          }
-          break;
-        case 'message':
-          onMessage(f);
-          break;
-        case 'sent':
-          onSent(f);
-          break;
-        case 'synced':
-          onSynced(f);
-          break;
-        case 'history':
-          onHistory(f);
-          break;
-        case 'presence':
-          onPresence(f);
-          break;
-        case 'error':
-          if (f.client_id) onSendError(f);
-          else {
-            if (state.historyInFlight && f.code !== 'rate_limited') {
-              state.historyInFlight = false;
-              updateOlderButton();
-            }
-            showStatus((f.code ? f.code + ': ' : '') + (f.message || 'error'));
-          }
-          break;
-        default:
-          break;
-      }
-    }
-
-    // ------------------------------------------------------------ wiring
-
-    el.form.addEventListener('submit', function (ev) {
-      ev.preventDefault();
-      var body = el.input.value;
-      if (!body.trim()) return;
-      if (byteLength(body) > MAX_BODY_BYTES) {
-        showStatus('Message too long (at most ' + MAX_BODY_BYTES + ' bytes).');
-        return;
-      }
-      el.input.value = '';
-      queueSend(body);
-      el.input.focus();
-    });
-
-    el.older.addEventListener('click', requestOlder);
-
-    // Keep the newest message in view when the window (or phone keyboard) resizes.
-    var stuck = true;
-    el.scroller.addEventListener('scroll', function () {
-      stuck = nearBottom();
-    });
-    window.addEventListener('resize', function () {
-      if (stuck) scrollToBottom();
-    });
-
-    window.addEventListener('online', function () {
-      if (!ws) connect();
-    });
-
-    // Pending sends due for a retry, and sends never answered.
-    setInterval(function () {
-      flushPending(false);
-    }, 1000);
-
-    // Unconfirmed sends from an earlier visit of this page are sent again.
-    loadCursors();
-    loadJSON(outboxKey(), []).forEach(function (o) {
-      if (!o || typeof o.client_id !== 'string' || typeof o.body !== 'string') return;
-      var li = makeMessageEl({ conv: state.conv, from: state.me, body: o.body, ts: o.created }, true);
-      li.dataset.clientId = o.client_id;
-      setState(li, 'pending');
-      el.list.appendChild(li);
-      state.pending.set(o.client_id, {
-        body: o.body,
-        el: li,
-        lastSent: 0,
-        retryAt: 0,
-        tries: 0,
-        created: o.created || Date.now(),
-      });
-    });
-
     renderPresence();
-    renderMembers();
-    connect();
+    renderComposerState();
+  });
+  ui.bannerRetry.addEventListener('click', () => client.reconnectNow());
+  window.addEventListener('online', () => client.reconnectNow());
 
-    // A small hook for debugging and tests (tests still drive the page through the DOM).
-    window.chatmesh = {
-      state: state,
-      config: cfg,
-      send: function (text) {
-        el.input.value = String(text);
-        el.form.requestSubmit ? el.form.requestSubmit() : queueSend(String(text));
-      },
-      reconnect: function () {
-        if (ws) ws.close();
-        else connect();
-      },
-    };
+  client.on('unauthorized', ({ message }) => showAuthError(message));
+
+  client.on('welcome', (w) => {
+    if (w.uid !== uid) {
+      uid = w.uid;
+      setMe();
+    }
+    setDebug(debug);
+    if (!current && (wantedTo || wantedRoom) && firstOpen) {
+      firstOpen = false;
+      openConv(wantedRoom ? roomConv(wantedRoom) : dmConv(uid, wantedTo), { replace: true });
+    } else if (current) {
+      if (current.kind === 'room' && !current.ready && !current.refused) {
+        enterRoom();
+      } else if (current.ready) {
+        // Marks and members may have changed while the connection was down.
+        client.loadReceipts(current.conv).then(renderMarks, () => {});
+        if (current.kind === 'room') refreshRoomInfo();
+      }
+    }
+    firstOpen = false;
+    if (!inboxAsked) {
+      // Once: the library keeps it current across reconnects.
+      inboxAsked = true;
+      client.loadInbox(50).then(subscribeInboxPeers, () => {});
+    }
+  });
+  let firstOpen = true;
+  let inboxAsked = false;
+
+  client.on('reset', () => {
+    // A new database: everything shown came with the old one.
+    if (current) {
+      const conv = current.conv;
+      current = null;
+      openConv(conv, { keepUrl: true });
+    }
+    renderInbox(client.conversations());
+  });
+
+  // ---------------------------------------------------------------- inbox
+
+  const typingByConv = new Map();
+
+  function convLink(conv) {
+    const p = parseConv(conv);
+    const q = new URLSearchParams();
+    if (dev) q.set('uid', uid);
+    if (p.kind === 'room') q.set('room', p.room);
+    else q.set('to', peerOf(conv, uid));
+    return '/chat?' + q;
   }
-})();
+
+  function previewOf(item) {
+    const m = item.last;
+    if (!m) return item.room ? 'No messages yet' : '';
+    const who = m.from === uid ? 'You: ' : item.room ? m.from + ': ' : '';
+    if (m.delete != null || m.deleted) return who + 'message deleted';
+    if (m.edit != null) return who + (m.body != null ? m.body : 'message edited');
+    return who + (m.body || '');
+  }
+
+  function renderInbox(items) {
+    const keep = new Map();
+    for (const li of Array.from(ui.inbox.children)) keep.set(li.dataset.conv, li);
+    clear(ui.inbox);
+    for (const item of items) {
+      const li = keep.get(item.conv) || buildInboxItem(item.conv);
+      fillInboxItem(li, item);
+      ui.inbox.appendChild(li);
+    }
+    ui.inboxEmpty.hidden = items.length > 0;
+  }
+
+  function buildInboxItem(conv) {
+    const li = el('li', 'conv-item');
+    li.dataset.conv = conv;
+    const a = el('a', 'conv-link');
+    a.href = convLink(conv);
+    a.addEventListener('click', (ev) => {
+      if (ev.metaKey || ev.ctrlKey || ev.shiftKey || ev.button !== 0) return;
+      ev.preventDefault();
+      openConv(conv, {});
+    });
+    const avatar = el('span', 'avatar');
+    const dot = el('span', 'dot');
+    const wrap = el('span', 'avatar-wrap');
+    wrap.append(avatar, dot);
+    const text = el('span', 'conv-text');
+    const top = el('span', 'conv-top');
+    const name = el('span', 'conv-name');
+    const when = el('time', 'conv-when');
+    top.append(name, when);
+    const bottom = el('span', 'conv-bottom');
+    const preview = el('span', 'conv-preview');
+    const badge = el('span', 'badge');
+    bottom.append(preview, badge);
+    text.append(top, bottom);
+    a.append(wrap, text);
+    li.appendChild(a);
+    return li;
+  }
+
+  function fillInboxItem(li, item) {
+    const isRoom = !!item.room;
+    const name = isRoom ? item.room : item.with || peerOf(item.conv, uid) || '?';
+    li.classList.toggle('active', !!current && current.conv === item.conv);
+    li.classList.toggle('unread', item.unread > 0);
+    li.dataset.unread = String(item.unread);
+    const a = li.querySelector('.conv-link');
+    a.href = convLink(item.conv);
+    paintAvatar(li.querySelector('.avatar'), name, isRoom);
+    li.querySelector('.conv-name').textContent = isRoom ? '#' + name : name;
+    const when = li.querySelector('.conv-when');
+    when.textContent = item.last ? shortWhen(item.last.ts) : '';
+    if (item.last) when.dateTime = new Date(item.last.ts).toISOString();
+    const typers = typingByConv.get(item.conv);
+    const preview = li.querySelector('.conv-preview');
+    preview.classList.toggle('is-typing', !!(typers && typers.size));
+    preview.textContent = typers && typers.size ? (isRoom ? Array.from(typers)[0] + ' is typing…' : 'typing…') : previewOf(item);
+    const badge = li.querySelector('.badge');
+    badge.textContent = item.unread > 99 ? '99+' : String(item.unread);
+    badge.hidden = !(item.unread > 0);
+    const dot = li.querySelector('.dot');
+    const online = isRoom ? undefined : client.online(name);
+    dot.dataset.online = online === true ? 'true' : online === false ? 'false' : '';
+    dot.hidden = isRoom;
+  }
+
+  client.on('inbox', ({ conversations }) => {
+    renderInbox(conversations);
+    if (inboxAsked) subscribeInboxPeers();
+  });
+
+  const watched = new Set();
+  function subscribeInboxPeers() {
+    const peers = client
+      .conversations()
+      .filter((i) => !i.room)
+      .map((i) => i.with || peerOf(i.conv, uid))
+      .filter(Boolean)
+      .slice(0, 60);
+    if (current && current.peer) peers.unshift(current.peer);
+    // Asks only about those not yet watched (the library remembers).
+    const fresh = peers.filter((p) => !watched.has(p));
+    if (!fresh.length) return;
+    for (const p of fresh) watched.add(p);
+    client.watchPresence(fresh).then(() => renderInbox(client.conversations()), () => {});
+  }
+
+  // ---------------------------------------------------------------- new chats
+
+  ui.newChat.addEventListener('submit', (ev) => {
+    ev.preventDefault();
+    let v = ui.newChatInput.value.trim();
+    if (!v) return;
+    const isRoom = v.startsWith('#');
+    if (isRoom) v = v.slice(1);
+    if (!validId(v)) return toast('Ids use letters, digits and _ . - only (1 to 64).', 'error');
+    if (!isRoom && v === uid) return toast('That is you. Pick someone else.', 'error');
+    if (!uid && !isRoom) return toast('Still connecting…', 'error');
+    ui.newChatInput.value = '';
+    openConv(isRoom ? roomConv(v) : dmConv(uid, v), {});
+  });
+
+  ui.newRoomToggle.addEventListener('click', () => {
+    const open = ui.newRoomForm.hidden;
+    ui.newRoomForm.hidden = !open;
+    ui.newRoomToggle.setAttribute('aria-expanded', String(open));
+    if (open) ui.newRoomName.focus();
+  });
+  $('new-room-cancel').addEventListener('click', () => {
+    ui.newRoomForm.hidden = true;
+    ui.newRoomToggle.setAttribute('aria-expanded', 'false');
+  });
+  ui.newRoomForm.addEventListener('submit', async (ev) => {
+    ev.preventDefault();
+    const name = ui.newRoomName.value.trim().replace(/^#/, '');
+    const showErr = (t) => {
+      ui.newRoomError.textContent = t;
+      ui.newRoomError.hidden = !t;
+    };
+    if (!validId(name)) return showErr('Room names use letters, digits and _ . - only.');
+    showErr('');
+    try {
+      await client.create(name, { private: ui.newRoomPrivate.checked });
+      ui.newRoomName.value = '';
+      ui.newRoomForm.hidden = true;
+      ui.newRoomToggle.setAttribute('aria-expanded', 'false');
+      openConv(roomConv(name), {});
+      setTimeout(() => togglePanel(true), 0);
+    } catch (e) {
+      showErr(e.code === 'conflict' ? 'A room named ' + name + ' already exists.' : capitalise(e.message));
+    }
+  });
+
+  // ---------------------------------------------------------------- opening a conversation
+
+  function setUrl(conv, replace) {
+    const url = convLink(conv);
+    if (location.pathname + location.search === url) return;
+    if (replace) history.replaceState({ conv }, '', url);
+    else history.pushState({ conv }, '', url);
+  }
+
+  window.addEventListener('popstate', () => {
+    const q = new URLSearchParams(location.search);
+    const to = q.get('to');
+    const room = q.get('room');
+    if (room && validId(room)) openConv(roomConv(room), { keepUrl: true });
+    else if (to && validId(to) && uid) openConv(dmConv(uid, to), { keepUrl: true });
+    else closeConv();
+  });
+
+  function closeConv() {
+    current = null;
+    root.dataset.view = 'list';
+    root.dataset.conv = '';
+    ui.placeholder.hidden = false;
+    ui.head.hidden = true;
+    ui.main.hidden = true;
+    document.title = 'Inbox · chatmesh';
+    renderInbox(client.conversations());
+  }
+
+  ui.back.addEventListener('click', () => {
+    const q = new URLSearchParams();
+    if (dev) q.set('uid', uid);
+    history.pushState({}, '', '/inbox' + (q.toString() ? '?' + q : ''));
+    closeConv();
+  });
+
+  function openConv(conv, opts) {
+    const p = parseConv(conv);
+    if (!p) return;
+    if (current && current.conv === conv && current.ready && !opts.force) {
+      root.dataset.view = 'conv';
+      return;
+    }
+    cancelEdit();
+    current = { conv, kind: p.kind, ready: false, refused: false };
+    if (p.kind === 'room') current.room = p.room;
+    else current.peer = peerOf(conv, uid);
+    shown = new Map();
+    pendingShown = new Map();
+    historyLoaded = false;
+    historyInFlight = false;
+    roomInfo = null;
+    stuckToBottom = true;
+    clear(ui.list);
+    clear(ui.toasts);
+    ui.empty.hidden = true;
+    ui.refusal.hidden = true;
+    ui.older.hidden = true;
+    ui.typing.textContent = '';
+    root.dataset.view = 'conv';
+    root.dataset.conv = conv;
+    delete root.dataset.loaded;
+    ui.placeholder.hidden = true;
+    ui.head.hidden = false;
+    ui.main.hidden = false;
+    const name = p.kind === 'room' ? p.room : current.peer;
+    ui.title.textContent = p.kind === 'room' ? '#' + name : name;
+    document.title = (p.kind === 'room' ? '#' + name : name) + ' · chatmesh';
+    paintAvatar(ui.convAvatar, name, p.kind === 'room');
+    ui.membersToggle.hidden = p.kind !== 'room';
+    ui.roomMeta.hidden = p.kind !== 'room';
+    ui.roomMeta.textContent = '';
+    togglePanel(false);
+    if (!opts.keepUrl) setUrl(conv, !!opts.replace);
+    renderPresence();
+    renderComposerState();
+    renderInbox(client.conversations());
+    if (p.kind === 'dm') {
+      client.watchPresence([current.peer]).then(renderPresence, () => {});
+      loadConv();
+    } else if (client.state === 'open') {
+      enterRoom();
+    } // else: the welcome says whether we are a member (see 'welcome')
+    ui.input.focus({ preventScroll: true });
+  }
+
+  /** Joins the open room if needed (showing why not), then loads it. */
+  function enterRoom() {
+    const c = current;
+    if (!c || c.kind !== 'room') return;
+    if (client.rooms.has(c.room)) return loadConv();
+    client.join(c.room).then(
+      () => {
+        // (The `room` event of the join may have loaded it already.)
+        if (current === c && !c.ready) loadConv();
+      },
+      (e) => {
+        if (current !== c) return;
+        if (e.code === 'disconnected') return; // the welcome tries again
+        c.refused = true;
+        showRefusal('You cannot join #' + c.room, refusalText(e, c.room));
+      },
+    );
+  }
+
+  function refusalText(e, room) {
+    if (e.code === 'forbidden' && /banned/.test(e.message)) return 'You are banned from #' + room + '. An owner can add you again.';
+    if (e.code === 'forbidden' && /private/.test(e.message)) return '#' + room + ' is private: an owner must add you.';
+    if (e.code === 'not_found') return 'There is no room #' + room + '.';
+    if (e.code === 'limit') return 'You are in as many rooms as you may be. Leave one first.';
+    return capitalise(e.message || e.code);
+  }
+
+  /** Says why the open room cannot be read; `action` is an offer: {label, run}. */
+  function showRefusal(title, reason, action) {
+    ui.refusalTitle.textContent = title;
+    ui.refusalReason.textContent = reason;
+    ui.refusalAction.hidden = !action;
+    ui.refusalAction.textContent = action ? action.label : '';
+    ui.refusalAction.onclick = action ? action.run : null;
+    ui.refusal.hidden = false;
+    ui.empty.hidden = true;
+    ui.older.hidden = true;
+    renderComposerState();
+  }
+
+  function loadConv() {
+    const c = current;
+    c.ready = true;
+    c.refused = false;
+    ui.refusal.hidden = true;
+    renderComposerState();
+    for (const m of client.messages(c.conv)) showMessage(m);
+    for (const e of client.pending(c.conv)) showPending(e);
+    historyInFlight = true;
+    client.loadLatest(c.conv).then(
+      () => {
+        if (current !== c) return;
+        historyInFlight = false;
+        historyLoaded = true;
+        root.dataset.loaded = 'true';
+        updateOlder();
+        updateEmpty();
+        scrollToBottom();
+        markReadIfSeen();
+      },
+      (e) => {
+        if (current !== c) return;
+        historyInFlight = false;
+        if (e.code === 'not_member') {
+          c.ready = false;
+          showRefusal('You are not in #' + c.room, 'Join the room to read it.');
+        } else toast(capitalise(e.message), 'error');
+      },
+    );
+    client.loadReceipts(c.conv).then(renderMarks, () => {});
+    if (c.kind === 'room') refreshRoomInfo();
+    renderTyping();
+  }
+
+  // ---------------------------------------------------------------- messages
+
+  function nearBottom() {
+    const s = ui.scroller;
+    return s.scrollHeight - s.scrollTop - s.clientHeight < 60;
+  }
+
+  function scrollToBottom() {
+    ui.scroller.scrollTop = ui.scroller.scrollHeight;
+    stuckToBottom = true;
+  }
+
+  ui.scroller.addEventListener('scroll', () => {
+    stuckToBottom = nearBottom();
+    if (stuckToBottom) markReadIfSeen();
+  });
+  // The newest message stays in view when anything changes size (a notice, the
+  // keyboard on a phone, a longer input box).
+  new ResizeObserver(() => {
+    if (stuckToBottom) ui.scroller.scrollTop = ui.scroller.scrollHeight;
+  }).observe(ui.scroller);
+
+  function updateEmpty() {
+    ui.empty.hidden = !(historyLoaded && shown.size === 0 && pendingShown.size === 0 && ui.refusal.hidden);
+  }
+
+  function updateOlder() {
+    const more = current && client.hasOlder(current.conv);
+    ui.older.hidden = !(historyLoaded && more && shown.size > 0);
+    ui.older.disabled = historyInFlight;
+  }
+
+  ui.older.addEventListener('click', () => {
+    const c = current;
+    if (!c || historyInFlight) return;
+    historyInFlight = true;
+    updateOlder();
+    const s = ui.scroller;
+    const fromBottom = s.scrollHeight - s.scrollTop;
+    client.loadOlder(c.conv).then(
+      () => {
+        if (current !== c) return;
+        historyInFlight = false;
+        updateOlder();
+        s.scrollTop = s.scrollHeight - fromBottom;
+      },
+      () => {
+        historyInFlight = false;
+        updateOlder();
+      },
+    );
+  });
+
+  function isOwner() {
+    return !!(roomInfo && roomInfo.owners && roomInfo.owners.includes(uid));
+  }
+
+  function buildMessage(m, own) {
+    const li = el('li', 'msg ' + (own ? 'own' : 'other'));
+    li.dataset.conv = m.conv;
+    const bubble = el('div', 'bubble');
+    const from = el('div', 'from');
+    from.textContent = m.from || '';
+    from.style.setProperty('--avatar-hue', String(hue(m.from || '?')));
+    const body = el('div', 'body');
+    const meta = el('div', 'meta');
+    const edited = el('span', 'edited', 'edited');
+    const seq = el('span', 'seq');
+    const time = el('time', 'time');
+    const mark = el('span', 'mark');
+    meta.append(edited, seq, time, mark);
+    const actions = el('div', 'actions');
+    bubble.append(from, body, meta, actions);
+    li.append(bubble);
+    return li;
+  }
+
+  function fillMessage(li, m) {
+    li.dataset.seq = String(m.seq);
+    li.dataset.id = m.id || '';
+    li.dataset.ts = String(m.ts || '');
+    li.dataset.from = m.from || '';
+    li.classList.toggle('deleted', !!m.deleted);
+    li.querySelector('.body').textContent = m.deleted ? 'This message was deleted' : m.body || '';
+    li.querySelector('.edited').hidden = !m.edited || !!m.deleted;
+    li.querySelector('.seq').textContent = '#' + m.seq;
+    const time = li.querySelector('.time');
+    if (m.ts) {
+      time.textContent = timeOf(m.ts);
+      time.dateTime = new Date(m.ts).toISOString();
+      time.title = new Date(m.ts).toLocaleString();
+    }
+    fillActions(li, m);
+  }
+
+  function fillActions(li, m) {
+    const actions = li.querySelector('.actions');
+    clear(actions);
+    if (m.deleted || !m.seq) return;
+    const own = m.from === uid;
+    const canDelete = own || (current && current.kind === 'room' && isOwner());
+    if (own) {
+      const edit = el('button', 'action', 'Edit');
+      edit.type = 'button';
+      edit.dataset.action = 'edit';
+      edit.addEventListener('click', () => startEdit(m.seq));
+      actions.appendChild(edit);
+    }
+    if (canDelete) {
+      const del = el('button', 'action danger', 'Delete');
+      del.type = 'button';
+      del.dataset.action = 'delete';
+      del.addEventListener('click', () => confirmDelete(li, m.seq));
+      actions.appendChild(del);
+    }
+  }
+
+  function confirmDelete(li, seq) {
+    const actions = li.querySelector('.actions');
+    clear(actions);
+    actions.classList.add('confirming');
+    const q = el('span', 'confirm-text', 'Delete for everyone?');
+    const yes = el('button', 'action danger', 'Delete');
+    yes.type = 'button';
+    yes.dataset.action = 'confirm-delete';
+    const no = el('button', 'action', 'Cancel');
+    no.type = 'button';
+    no.dataset.action = 'cancel-delete';
+    const done = () => {
+      actions.classList.remove('confirming');
+      const m = client.message(current.conv, seq);
+      if (m) fillActions(li, m);
+    };
+    yes.addEventListener('click', () => {
+      done();
+      try {
+        client.delete(current.conv, seq).sent.catch((e) => toast('Not deleted: ' + e.message, 'error'));
+      } catch (e) {
+        toast(e.message, 'error');
+      }
+    });
+    no.addEventListener('click', done);
+    actions.append(q, yes, no);
+  }
+
+  /** Where a message element goes: by seq, before the pending ones. */
+  function place(li, seq) {
+    let node = ui.list.firstElementChild;
+    while (node) {
+      if (node.classList.contains('msg')) {
+        const s = node.dataset.seq;
+        if (!s || Number(s) > seq) break;
+      }
+      node = node.nextElementSibling;
+    }
+    ui.list.insertBefore(li, node);
+  }
+
+  function showMessage(m) {
+    if (!current || m.conv !== current.conv) return;
+    const stick = stuckToBottom || nearBottom();
+    let li = shown.get(m.seq);
+    if (!li) {
+      li = buildMessage(m, m.from === uid);
+      li.dataset.state = m.from === uid ? 'stored' : 'received';
+      shown.set(m.seq, li);
+      fillMessage(li, m);
+      place(li, m.seq);
+    } else {
+      fillMessage(li, m);
+    }
+    afterChange(stick);
+  }
+
+  function showPending(entry) {
+    if (!current || entry.conv !== current.conv || entry.kind !== 'send' || pendingShown.has(entry.clientId)) return;
+    const stick = true;
+    const li = buildMessage({ from: uid }, true);
+    li.dataset.state = 'pending';
+    li.dataset.clientId = entry.clientId;
+    li.dataset.seq = '';
+    li.dataset.from = uid;
+    li.dataset.ts = String(entry.created);
+    li.querySelector('.body').textContent = entry.body;
+    li.querySelector('.edited').hidden = true;
+    li.querySelector('.time').textContent = timeOf(entry.created);
+    const mark = li.querySelector('.mark');
+    mark.dataset.mark = 'pending';
+    mark.title = 'Sending…';
+    pendingShown.set(entry.clientId, li);
+    ui.list.appendChild(li);
+    afterChange(stick);
+  }
+
+  let layoutSoon = false;
+  function afterChange(stick) {
+    updateEmpty();
+    updateOlder();
+    if (stick) scrollToBottom();
+    if (layoutSoon) return;
+    layoutSoon = true;
+    // A timer, not requestAnimationFrame: a page in a background tab is drawn too.
+    setTimeout(() => {
+      layoutSoon = false;
+      layout();
+      renderMarks();
+      if (stuckToBottom) scrollToBottom();
+    }, 16);
+  }
+
+  /** Day separators and runs of messages from the same sender. */
+  function layout() {
+    for (const d of Array.from(ui.list.querySelectorAll('.day'))) d.remove();
+    let prev = null;
+    for (const li of Array.from(ui.list.children)) {
+      const ts = Number(li.dataset.ts) || Date.now();
+      if (!prev || !sameDay(new Date(Number(prev.dataset.ts) || Date.now()), new Date(ts))) {
+        const d = el('li', 'day');
+        d.appendChild(el('span', null, dayLabel(ts)));
+        ui.list.insertBefore(d, li);
+        prev = null;
+      }
+      const cont = !!prev && prev.dataset.from === li.dataset.from && ts - (Number(prev.dataset.ts) || ts) < 5 * 60000;
+      li.classList.toggle('cont', cont);
+      li.classList.toggle('room-msg', !!current && current.kind === 'room');
+      prev = li;
+    }
+  }
+
+  client.on('message', ({ message, clientId }) => {
+    if (current && message.conv === current.conv) {
+      if (current.kind === 'room' && roomInfo && !roomInfo.members.includes(message.from)) refreshRoomInfoSoon();
+      if (clientId && pendingShown.has(clientId)) {
+        const li = pendingShown.get(clientId);
+        pendingShown.delete(clientId);
+        li.remove();
+      }
+      showMessage(message);
+      markReadIfSeen();
+    }
+  });
+
+  client.on('update', ({ message }) => {
+    if (current && message.conv === current.conv && shown.has(message.seq)) showMessage(message);
+    if (editing && message.deleted && editing.seq === message.seq) cancelEdit();
+  });
+
+  client.on('pending', ({ entry }) => showPending(entry));
+
+  client.on('sent', ({ clientId }) => {
+    const li = pendingShown.get(clientId);
+    if (li) {
+      pendingShown.delete(clientId);
+      li.remove();
+      updateEmpty();
+    }
+  });
+
+  client.on('failed', ({ clientId, entry, error }) => {
+    const li = pendingShown.get(clientId);
+    const why = error.code === 'not_member' ? 'you are not a member' : error.message || error.code;
+    if (li) {
+      pendingShown.delete(clientId);
+      li.dataset.state = 'failed';
+      const mark = li.querySelector('.mark');
+      mark.dataset.mark = 'failed';
+      mark.textContent = 'Not sent: ' + why;
+    } else if (current && entry.conv === current.conv) {
+      toast((entry.kind === 'edit' ? 'Not edited: ' : entry.kind === 'delete' ? 'Not deleted: ' : 'Not sent: ') + why, 'error');
+    }
+  });
+
+  client.on('error', (e) => {
+    if (e.code === 'rate_limited') toast('Slow down a little.', 'error');
+  });
+
+  // ---------------------------------------------------------------- marks
+
+  function markReadIfSeen() {
+    if (!current || !current.ready || client.state !== 'open') return;
+    if (document.visibilityState !== 'visible' || !nearBottom()) return;
+    client.markRead(current.conv);
+  }
+  document.addEventListener('visibilitychange', markReadIfSeen);
+  window.addEventListener('focus', markReadIfSeen);
+
+  let marksSoon = false;
+  function renderMarks() {
+    if (marksSoon) return;
+    marksSoon = true;
+    setTimeout(() => {
+      marksSoon = false;
+      if (!current) return;
+      const conv = current.conv;
+      let lastOwn = 0;
+      for (const [seq, li] of shown) if (li.classList.contains('own') && seq > lastOwn) lastOwn = seq;
+      for (const [seq, li] of shown) {
+        if (!li.classList.contains('own') || li.classList.contains('deleted')) continue;
+        const mark = li.querySelector('.mark');
+        const seen = client.seenBy(conv, seq);
+        let kind;
+        let text;
+        if (current.kind === 'dm') {
+          kind = seen.length ? 'seen' : client.deliveredTo(conv, seq).length ? 'delivered' : 'sent';
+          text = kind === 'seen' ? 'Seen' : kind === 'delivered' ? 'Delivered' : 'Sent';
+        } else {
+          kind = seen.length ? 'seen' : 'sent';
+          text = seen.length ? 'Seen by ' + seen.length : 'Sent';
+        }
+        mark.dataset.mark = kind;
+        mark.dataset.seenBy = String(seen.length);
+        mark.title = current.kind === 'room' && seen.length ? 'Seen by ' + seen.join(', ') : text;
+        mark.setAttribute('aria-label', mark.title);
+        // The words under the newest of your messages (and "seen by N" in rooms).
+        mark.textContent = seq === lastOwn || (current.kind === 'room' && seen.length) ? text : '';
+      }
+    }, 16);
+  }
+  client.on('receipt', ({ conv, uid: who }) => {
+    if (current && conv === current.conv && who !== uid) renderMarks();
+  });
+  client.on('receipts', ({ conv }) => {
+    if (current && conv === current.conv) renderMarks();
+  });
+
+  // ---------------------------------------------------------------- typing
+
+  client.on('typing', ({ conv, uid: who, active }) => {
+    let set = typingByConv.get(conv);
+    if (!set) typingByConv.set(conv, (set = new Set()));
+    if (active) set.add(who);
+    else set.delete(who);
+    if (current && conv === current.conv) renderTyping();
+    const li = ui.inbox.querySelector('.conv-item[data-conv="' + CSS.escape(conv) + '"]');
+    const item = client.conversation(conv);
+    if (li && item) fillInboxItem(li, item);
+  });
+
+  function renderTyping() {
+    const who = current ? client.typingIn(current.conv) : [];
+    let text = '';
+    if (who.length === 1) text = current.kind === 'dm' ? who[0] + ' is typing…' : who[0] + ' is typing…';
+    else if (who.length === 2) text = who[0] + ' and ' + who[1] + ' are typing…';
+    else if (who.length > 2) text = who.length + ' people are typing…';
+    ui.typing.textContent = text;
+    ui.typing.classList.toggle('active', !!text);
+  }
+
+  // ---------------------------------------------------------------- presence
+
+  function renderPresence() {
+    if (!current || current.kind !== 'dm') {
+      ui.presence.hidden = true;
+      return;
+    }
+    ui.presence.hidden = false;
+    const on = client.state === 'open' ? client.online(current.peer) : undefined;
+    ui.presence.dataset.online = on === true ? 'true' : on === false ? 'false' : '';
+    ui.presence.textContent = on === true ? 'online' : on === false ? 'offline' : '';
+  }
+
+  client.on('presence', ({ uid: who, room }) => {
+    if (current && current.kind === 'dm' && who === current.peer && !room) renderPresence();
+    if (current && current.kind === 'room' && room === current.room) {
+      if (roomInfo && !roomInfo.members.includes(who)) refreshRoomInfoSoon();
+      else renderMembers();
+    }
+    const conv = uid ? dmConv(uid, who) : null;
+    const li = conv && ui.inbox.querySelector('.conv-item[data-conv="' + CSS.escape(conv) + '"]');
+    const item = conv && client.conversation(conv);
+    if (li && item) fillInboxItem(li, item);
+  });
+
+  // ---------------------------------------------------------------- rooms
+
+  function refreshRoomInfo() {
+    const c = current;
+    client.roomInfo(c.room).then(
+      (info) => {
+        if (current !== c) return;
+        roomInfo = info;
+        const priv = info.private ? 'Private room' : 'Public room';
+        ui.roomMeta.textContent = priv + ' · ' + info.count + (info.count === 1 ? ' member' : ' members');
+        ui.memberCount.textContent = String(info.count);
+        renderMembers();
+        for (const [seq, li] of shown) {
+          const m = client.message(c.conv, seq);
+          if (m) fillActions(li, m);
+        }
+        const ids = (info.members || []).filter((m) => m !== uid).slice(0, 100);
+        if (ids.length) client.watchPresence(ids, false).then(renderMembers, () => {});
+      },
+      () => {},
+    );
+  }
+
+  let roomInfoTimer = null;
+  function refreshRoomInfoSoon() {
+    if (roomInfoTimer) return;
+    roomInfoTimer = setTimeout(() => {
+      roomInfoTimer = null;
+      if (current && current.kind === 'room' && current.ready) refreshRoomInfo();
+    }, 300);
+  }
+
+  function renderMembers() {
+    if (!roomInfo || !current || current.kind !== 'room') return;
+    const owner = isOwner();
+    ui.addMember.hidden = !owner;
+    clear(ui.memberList);
+    const members = (roomInfo.members || []).slice().sort((a, b) => {
+      const oa = roomInfo.owners.includes(a) ? 0 : 1;
+      const ob = roomInfo.owners.includes(b) ? 0 : 1;
+      return oa - ob || (a < b ? -1 : a > b ? 1 : 0);
+    });
+    const onlineIn = new Set(client.onlineIn(current.room));
+    for (const m of members) {
+      const li = el('li', 'member');
+      li.dataset.uid = m;
+      const wrap = el('span', 'avatar-wrap');
+      const av = el('span', 'avatar small');
+      paintAvatar(av, m, false);
+      const dot = el('span', 'dot');
+      const on = m === uid ? true : onlineIn.has(m) || client.online(m) === true;
+      dot.dataset.online = on ? 'true' : 'false';
+      wrap.append(av, dot);
+      const name = el('span', 'member-name', m === uid ? m + ' (you)' : m);
+      li.append(wrap, name);
+      if (roomInfo.owners.includes(m)) li.appendChild(el('span', 'role', 'owner'));
+      if (owner && m !== uid) {
+        const rm = el('button', 'action', 'Remove');
+        rm.type = 'button';
+        rm.dataset.action = 'remove';
+        rm.addEventListener('click', () => removeMember(m, false));
+        const ban = el('button', 'action danger', 'Ban');
+        ban.type = 'button';
+        ban.dataset.action = 'ban';
+        ban.addEventListener('click', () => removeMember(m, true));
+        const acts = el('span', 'member-actions');
+        acts.append(rm, ban);
+        li.appendChild(acts);
+      }
+      ui.memberList.appendChild(li);
+    }
+  }
+
+  function memberError(text) {
+    ui.memberError.textContent = text;
+    ui.memberError.hidden = !text;
+  }
+
+  async function removeMember(who, ban) {
+    const c = current;
+    memberError('');
+    try {
+      await client.remove(c.room, who, { ban });
+      toast((ban ? 'Banned ' : 'Removed ') + who + '.', 'info');
+      if (current === c) refreshRoomInfo();
+    } catch (e) {
+      memberError(capitalise(e.message));
+    }
+  }
+
+  ui.addMember.addEventListener('submit', async (ev) => {
+    ev.preventDefault();
+    const c = current;
+    const who = ui.addMemberInput.value.trim();
+    if (!validId(who)) return memberError('Ids use letters, digits and _ . - only.');
+    memberError('');
+    try {
+      await client.add(c.room, who);
+      ui.addMemberInput.value = '';
+      toast('Added ' + who + '.', 'info');
+      if (current === c) refreshRoomInfo();
+    } catch (e) {
+      memberError(capitalise(e.message));
+    }
+  });
+
+  function togglePanel(open) {
+    const show = open === undefined ? ui.panel.hidden : open;
+    ui.panel.hidden = !show;
+    ui.membersToggle.setAttribute('aria-expanded', String(show));
+    root.classList.toggle('panel-open', show);
+  }
+  ui.membersToggle.addEventListener('click', () => {
+    togglePanel();
+    if (!ui.panel.hidden && current && current.kind === 'room' && current.ready) refreshRoomInfo();
+  });
+  ui.membersClose.addEventListener('click', () => togglePanel(false));
+
+  ui.leaveRoom.addEventListener('click', async () => {
+    const c = current;
+    if (!c || c.kind !== 'room') return;
+    try {
+      await client.leave(c.room);
+    } catch (e) {
+      toast(capitalise(e.message), 'error');
+    }
+  });
+
+  client.on('room', ({ room, joined, by }) => {
+    const here = current && current.kind === 'room' && current.room === room;
+    if (joined) {
+      if (by) toast(by + ' added you to #' + room + '.', 'info', here ? null : roomConv(room));
+      if (here && !current.ready) loadConv();
+      else if (here) refreshRoomInfo();
+    } else if (here) {
+      current.ready = false;
+      togglePanel(false);
+      showRefusal(
+        by ? by + ' removed you from #' + room : 'You left #' + room,
+        by ? 'You no longer get its messages. An owner can add you again.' : 'You no longer get its messages.',
+        by ? null : { label: 'Join again', run: () => enterRoom() },
+      );
+      clear(ui.list);
+      shown = new Map();
+      ui.typing.textContent = '';
+    } else if (by) {
+      toast(by + ' removed you from #' + room + '.', 'info');
+    }
+  });
+
+  client.on('member', ({ room }) => {
+    if (current && current.kind === 'room' && current.room === room) refreshRoomInfo();
+  });
+
+  // ---------------------------------------------------------------- composer
+
+  function renderComposerState() {
+    const usable = !!current && !current.refused && (current.kind === 'dm' || current.ready || client.state !== 'open');
+    ui.input.disabled = !usable;
+    ui.sendButton.disabled = !usable;
+    ui.input.placeholder = usable ? (current.kind === 'room' ? 'Message #' + current.room : 'Message ' + current.peer) : '';
+  }
+
+  function autosize() {
+    const t = ui.input;
+    t.style.height = 'auto';
+    t.style.height = Math.min(t.scrollHeight + 2, 160) + 'px';
+    t.style.overflowY = t.scrollHeight > 160 ? 'auto' : 'hidden';
+  }
+
+  function submit() {
+    const c = current;
+    if (!c) return;
+    const body = ui.input.value;
+    if (!body.trim()) return;
+    try {
+      if (editing) {
+        client.edit(c.conv, editing.seq, body);
+        cancelEdit();
+      } else {
+        client.send(c.conv, body);
+      }
+    } catch (e) {
+      toast(e instanceof ChatError && e.code === 'too_large' ? 'That message is too long.' : capitalise(e.message), 'error');
+      return;
+    }
+    ui.input.value = '';
+    autosize();
+    scrollToBottom();
+    ui.input.focus();
+  }
+
+  ui.form.addEventListener('submit', (ev) => {
+    ev.preventDefault();
+    submit();
+  });
+  ui.input.addEventListener('keydown', (ev) => {
+    if (ev.key === 'Enter' && !ev.shiftKey && !ev.isComposing) {
+      ev.preventDefault();
+      submit();
+    } else if (ev.key === 'Escape' && editing) {
+      cancelEdit();
+    }
+  });
+  ui.input.addEventListener('input', () => {
+    autosize();
+    if (current && ui.input.value.trim() && !editing) client.typing(current.conv);
+  });
+
+  function startEdit(seq) {
+    const m = client.message(current.conv, seq);
+    if (!m || m.deleted) return;
+    editing = { seq };
+    ui.editBar.hidden = false;
+    ui.input.value = m.body || '';
+    autosize();
+    ui.input.focus();
+    for (const li of shown.values()) li.classList.toggle('editing', li === shown.get(seq));
+  }
+
+  function cancelEdit() {
+    if (!editing) return;
+    editing = null;
+    ui.editBar.hidden = true;
+    ui.input.value = '';
+    autosize();
+    for (const li of shown.values()) li.classList.remove('editing');
+  }
+  ui.editCancel.addEventListener('click', cancelEdit);
+
+  // ---------------------------------------------------------------- notices
+
+  /** A notice over the top of the conversation: it never moves the messages. */
+  function toast(text, kind, conv) {
+    const li = el('li', 'toast ' + (kind || 'info'));
+    const span = el('span', null, text);
+    li.appendChild(span);
+    if (conv) {
+      const open = el('button', 'link-button', 'Open');
+      open.type = 'button';
+      open.addEventListener('click', () => openConv(conv, {}));
+      li.appendChild(open);
+    }
+    const close = el('button', 'toast-close', '×');
+    close.type = 'button';
+    close.setAttribute('aria-label', 'Dismiss');
+    close.addEventListener('click', () => li.remove());
+    li.appendChild(close);
+    ui.toasts.appendChild(li);
+    while (ui.toasts.children.length > 3) ui.toasts.firstElementChild.remove();
+    setTimeout(() => li.remove(), kind === 'error' ? 8000 : 5000);
+  }
+
+  // ---------------------------------------------------------------- start
+
+  if (!wantedTo && !wantedRoom) closeConv();
+  else if (uid && !wantedRoom) {
+    firstOpen = false;
+    openConv(dmConv(uid, wantedTo), { replace: true });
+  } else if (wantedRoom) {
+    firstOpen = false;
+    openConv(roomConv(wantedRoom), { replace: true });
+  }
+  client.connect();
+
+  // For tests and debugging (the pages do not use it).
+  window.chatmesh = {
+    client,
+    get conv() {
+      return current ? current.conv : null;
+    },
+    /** Connected, synced, the open conversation's latest page loaded, nothing unsent. */
+    settled() {
+      return (
+        client.state === 'open' &&
+        !client.syncing &&
+        (!current || (historyLoaded && !historyInFlight)) &&
+        client.pending(current ? current.conv : undefined).length === 0
+      );
+    },
+    open(conv) {
+      openConv(conv, {});
+    },
+  };
+}

@@ -354,11 +354,17 @@ impl Browser {
         page
     }
 
-    /// Opens a new `about:blank` tab and attaches to it.
+    /// Opens a new `about:blank` page in a window of its own and attaches to it. Each
+    /// page is visible (`document.visibilityState === "visible"`), as the screens of two
+    /// people are; tabs of one window would be hidden but for the front one.
     pub async fn blank_page(&self) -> Page {
         let target = self
             .conn
-            .call("Target.createTarget", json!({ "url": "about:blank" }), None)
+            .call(
+                "Target.createTarget",
+                json!({ "url": "about:blank", "newWindow": true }),
+                None,
+            )
             .await
             .unwrap_or_else(|e| panic!("cannot open a tab: {e}"));
         let target_id = target["targetId"]
@@ -635,6 +641,24 @@ impl Page {
         r["data"].as_str().unwrap_or_default().to_string()
     }
 
+    /// Saves a PNG screenshot of the viewport to `path` (directories are created).
+    pub async fn screenshot(&self, path: &Path) {
+        let data = base64_decode(&self.screenshot_base64().await)
+            .unwrap_or_else(|| panic!("screenshot of {}: not base64", path.display()));
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        }
+        std::fs::write(path, data).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    }
+
+    /// Makes this tab the visible one (headless Chromium reports the others as
+    /// `document.visibilityState === "hidden"`, as a browser does for background tabs).
+    pub async fn bring_to_front(&self) {
+        self.cmd("Page.bringToFront", json!({}))
+            .await
+            .unwrap_or_else(|e| panic!("bringing the tab to front: {e}"));
+    }
+
     /// Console output and uncaught exceptions seen on this page so far.
     pub fn console(&self) -> Vec<String> {
         self.conn.logs(&self.session_id)
@@ -671,5 +695,46 @@ impl Page {
                 None,
             )
             .await;
+    }
+}
+
+/// Standard base64 (with padding), as CDP sends binary data.
+fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    fn value(c: u8) -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    }
+    let bytes: Vec<u8> = text.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+    if !bytes.len().is_multiple_of(4) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(bytes.len() / 4 * 3);
+    for chunk in bytes.chunks(4) {
+        let pad = chunk.iter().rev().take_while(|&&b| b == b'=').count();
+        let mut n = 0u32;
+        for &c in &chunk[..4 - pad] {
+            n = (n << 6) | value(c)?;
+        }
+        n <<= 6 * pad as u32;
+        let three = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+        out.extend_from_slice(&three[..3 - pad]);
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base64() {
+        assert_eq!(super::base64_decode("aGk=").unwrap(), b"hi");
+        assert_eq!(super::base64_decode("aGV5").unwrap(), b"hey");
+        assert_eq!(super::base64_decode("aA==").unwrap(), b"h");
+        assert!(super::base64_decode("a").is_none());
     }
 }
