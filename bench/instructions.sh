@@ -143,7 +143,7 @@ run() {
     stop_nodes
     local ir=0 n
     for i in 1 2 3; do
-        n=$(awk '/^(summary|totals):/ {print $2; exit}' "$OUT/callgrind-$scenario-cm$i.out")
+        n=$(awk '/^totals:/ {print $2; exit}' "$OUT/callgrind-$scenario-cm$i.out")
         echo "  cm$i instructions in the window: $n"
         ir=$((ir + n))
     done
