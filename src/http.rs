@@ -8,8 +8,10 @@ use actix::Actor;
 use actix_http::body::{BodyStream, BoxBody};
 use actix_web::dev::Payload;
 use actix_web::http::header::{self, HeaderValue};
-use actix_web::http::StatusCode;
-use actix_web::{mime, web, FromRequest, HttpMessage, HttpRequest, HttpResponse, ResponseError};
+use actix_web::http::{Method, StatusCode};
+use actix_web::{
+    mime, web, FromRequest, HttpMessage, HttpRequest, HttpResponse, ResponseError, Route,
+};
 use askama::Template;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -46,30 +48,124 @@ pub fn public_routes(cfg: &mut web::ServiceConfig) {
         .route("/session", web::get().to(session_check))
         .route("/healthz", web::get().to(healthz))
         .route("/readyz", web::get().to(readyz))
-        .route("/metrics", web::get().to(metrics))
-        .service(
-            web::scope("/api")
-                .route("/messages", web::post().to(api_post_message))
-                .route(
-                    "/messages/{conv}/{seq}",
-                    web::delete().to(api_delete_message),
-                )
-                .route("/online", web::get().to(api_online))
-                .route("/history", web::get().to(api_history))
-                .route("/rooms", web::post().to(api_create_room))
-                .route("/rooms/{room}", web::get().to(api_room_info))
-                .route("/rooms/{room}/members/{uid}", web::put().to(api_add_member))
-                .route(
-                    "/rooms/{room}/members/{uid}",
-                    web::delete().to(api_remove_member),
-                )
-                .route("/users/{uid}/rooms", web::get().to(api_user_rooms)),
-        );
+        .route("/metrics", web::get().to(metrics));
+    api_routes(cfg);
 }
+
+/// One route of the server HTTP API (contract section 5).
+pub struct ApiRoute {
+    pub method: Method,
+    /// The path, in the template syntax actix and OpenAPI share (`/api/rooms/{room}`).
+    pub path: &'static str,
+    /// The route without its method guard (added from `method`).
+    handler: fn() -> Route,
+}
+
+/// Every route of the server HTTP API, and the only list of them: [`public_routes`]
+/// serves exactly these (and answers 405 with `Allow` for other methods on their paths),
+/// and `tests/openapi.rs` checks that `docs/openapi.json` describes exactly these.
+pub static API_ROUTES: &[ApiRoute] = &[
+    ApiRoute {
+        method: Method::GET,
+        path: "/api/openapi.json",
+        handler: || web::route().to(api_openapi),
+    },
+    ApiRoute {
+        method: Method::POST,
+        path: "/api/messages",
+        handler: || web::route().to(api_post_message),
+    },
+    ApiRoute {
+        method: Method::DELETE,
+        path: "/api/messages/{conv}/{seq}",
+        handler: || web::route().to(api_delete_message),
+    },
+    ApiRoute {
+        method: Method::GET,
+        path: "/api/online",
+        handler: || web::route().to(api_online),
+    },
+    ApiRoute {
+        method: Method::GET,
+        path: "/api/history",
+        handler: || web::route().to(api_history),
+    },
+    ApiRoute {
+        method: Method::POST,
+        path: "/api/rooms",
+        handler: || web::route().to(api_create_room),
+    },
+    ApiRoute {
+        method: Method::GET,
+        path: "/api/rooms/{room}",
+        handler: || web::route().to(api_room_info),
+    },
+    ApiRoute {
+        method: Method::PUT,
+        path: "/api/rooms/{room}/members/{uid}",
+        handler: || web::route().to(api_add_member),
+    },
+    ApiRoute {
+        method: Method::DELETE,
+        path: "/api/rooms/{room}/members/{uid}",
+        handler: || web::route().to(api_remove_member),
+    },
+    ApiRoute {
+        method: Method::GET,
+        path: "/api/users/{uid}/rooms",
+        handler: || web::route().to(api_user_rooms),
+    },
+];
+
+/// The OpenAPI 3.1 document of the server HTTP API, served at `/api/openapi.json`.
+pub const OPENAPI_JSON: &str = include_str!("../docs/openapi.json");
 
 /// The largest request body the API reads (as the JSON of a websocket frame is bounded
 /// by the max frame size, 64 KiB by default).
 pub const MAX_API_BODY: usize = 64 * 1024;
+
+/// [`API_ROUTES`] as resources, one per path, each answering 405 with `Allow` for a
+/// method it does not serve; any other path under `/api/` answers a JSON 404.
+fn api_routes(cfg: &mut web::ServiceConfig) {
+    let mut paths: Vec<&'static str> = Vec::new();
+    for r in API_ROUTES {
+        if !paths.contains(&r.path) {
+            paths.push(r.path);
+        }
+    }
+    for path in paths {
+        let routes: Vec<&ApiRoute> = API_ROUTES.iter().filter(|r| r.path == path).collect();
+        let allow = routes
+            .iter()
+            .map(|r| r.method.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut resource = web::resource(path);
+        for r in routes {
+            resource = resource.route((r.handler)().method(r.method.clone()));
+        }
+        cfg.service(resource.default_service(web::to(move || {
+            let allow = allow.clone();
+            async move { method_not_allowed(&allow) }
+        })));
+    }
+    cfg.service(web::scope("/api").default_service(web::to(|| async {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such API route").error_response()
+    })));
+}
+
+fn method_not_allowed(allow: &str) -> HttpResponse {
+    let mut response = ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        &format!("this route answers {allow}"),
+    )
+    .error_response();
+    if let Ok(value) = HeaderValue::from_str(allow) {
+        response.headers_mut().insert(header::ALLOW, value);
+    }
+    response
+}
 
 /// Internal listener: the peer API only.
 pub fn internal_routes(cfg: &mut web::ServiceConfig) {
@@ -528,6 +624,12 @@ fn json_frame(status: StatusCode, frame: ServerFrame<'_>) -> HttpResponse {
     HttpResponse::build(status)
         .content_type("application/json")
         .body(frame.to_text().to_string())
+}
+
+async fn api_openapi() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .body(OPENAPI_JSON)
 }
 
 #[derive(Deserialize)]
