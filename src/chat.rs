@@ -241,9 +241,9 @@ impl Chat {
         }
         self.check_body(&out.body)?;
         if let Some(c) = &out.client_id {
-            if c.is_empty() || c.len() > MAX_CLIENT_ID_LEN {
+            if c.is_empty() || c.chars().count() > MAX_CLIENT_ID_LEN {
                 return Err(ChatError::Invalid(format!(
-                    "client_id must be 1 to {MAX_CLIENT_ID_LEN} bytes"
+                    "client_id must be 1 to {MAX_CLIENT_ID_LEN} characters"
                 )));
             }
         }
@@ -743,9 +743,9 @@ impl Chat {
             self.check_body(body)?;
         }
         if let Some(c) = &client_id {
-            if c.is_empty() || c.len() > MAX_CLIENT_ID_LEN {
+            if c.is_empty() || c.chars().count() > MAX_CLIENT_ID_LEN {
                 return Err(ChatError::Invalid(format!(
-                    "client_id must be 1 to {MAX_CLIENT_ID_LEN} bytes"
+                    "client_id must be 1 to {MAX_CLIENT_ID_LEN} characters"
                 )));
             }
         }

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 /// Longest user or room id.
 pub const MAX_ID_LEN: usize = 64;
-/// Longest `client_id` a client may choose.
+/// Longest `client_id` a client may choose, in characters (JSON Schema `maxLength`).
 pub const MAX_CLIENT_ID_LEN: usize = 128;
 /// Most uids one `presence` frame may ask about.
 pub const MAX_PRESENCE_UIDS: usize = 100;
