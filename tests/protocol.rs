@@ -457,15 +457,18 @@ async fn presence_answers_and_room_events() {
         ]
     );
 
-    // bob is a member: his first connection and his last disconnect are announced
+    // bob is a member: his last disconnect and his first connection are announced.
+    // (Each is awaited before the next change: an event not yet written is replaced by
+    // a newer one for the same room and user, so offline-then-online could arrive as
+    // online alone.)
     let mut bob = Client::connect(&node, "bob").await;
     bob.join("lobby").await;
     drop(bob);
-    let mut bob = Client::connect(&node, "bob").await;
     assert_eq!(
         alice.recv_type("presence").await,
         json!({"type":"presence","room":"lobby","uid":"bob","online":false})
     );
+    let mut bob = Client::connect(&node, "bob").await;
     assert_eq!(
         alice.recv_type("presence").await,
         json!({"type":"presence","room":"lobby","uid":"bob","online":true})
