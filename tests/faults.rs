@@ -1,4 +1,4 @@
-//! Faults made for real: SIGKILL, SIGSTOP, FLUSHALL, a paused Redis, racing joins, a
+//! Faults made for real: SIGKILL, SIGSTOP, FLUSHALL, a paused Redis, a restarted PostgreSQL,
 //! presence storm with a peer burst, and a churn of reconnecting users. What they show
 //! is the promise of contract sections 3 and 9: every `sent` message reaches every
 //! connection of every recipient, live or through the sync that follows a `resync` or
@@ -487,4 +487,58 @@ async fn a_reading_client_survives_a_presence_storm_and_a_peer_burst() {
     }
     assert_eq!(b.metric("chatmesh_slow_consumers_closed_total"), 0.0);
     drop(crowd);
+}
+
+/// PostgreSQL restarted under a running node (every connection cut): a write that meets
+/// the cut fails with `unavailable`, the database writer takes a new connection, the
+/// client resends with the same client id, and every message is stored once, in order;
+/// the node is not restarted.
+#[tokio::test]
+async fn a_postgresql_restart_under_a_node_loses_nothing() {
+    let mut pg = common::postgres::PgServer::start();
+    let mut s = common::settings();
+    s.database_url = pg.fresh_database();
+    let node = TestNode::start(s);
+    let mut alice = Client::connect(&node, "alice").await;
+    assert_eq!(
+        dms(&mut alice, "bob", 5, "before").await,
+        vec![1, 2, 3, 4, 5]
+    );
+
+    pg.restart();
+    let mut seqs = Vec::new();
+    for i in 0..10 {
+        let cid = format!("after{i}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            alice
+                .send(json!({"type":"direct","to":"bob","body":cid,"client_id":cid}))
+                .await;
+            let answer = loop {
+                let f = alice.recv().await;
+                if f["type"] == "sent" || f["type"] == "error" {
+                    break f;
+                }
+            };
+            if answer["type"] == "sent" {
+                assert_eq!(answer["client_id"], cid.as_str());
+                seqs.push(answer["seq"].as_u64().unwrap());
+                break;
+            }
+            assert_eq!(answer["code"], "unavailable", "{answer}");
+            assert!(Instant::now() < deadline, "still unavailable: {answer}");
+            // A pause before the resend, as a client backs off.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert_eq!(seqs, (6..=15).collect::<Vec<u64>>());
+
+    let mut bob = Client::connect(&node, "bob").await;
+    let mut seen = Seen::default();
+    let conv = chatmesh::protocol::dm_conv("alice", "bob");
+    bob.sync_into(&mut seen, std::slice::from_ref(&conv)).await;
+    assert_eq!(
+        seen.convs[&conv].iter().copied().collect::<Vec<_>>(),
+        (1..=15).collect::<Vec<u64>>()
+    );
 }

@@ -169,31 +169,7 @@ impl PgServer {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        let mut cmd = Command::new(bin.join("postgres"));
-        as_server_user(&mut cmd)
-            .arg("-D")
-            .arg(&data)
-            .arg("-k")
-            .arg(&dir)
-            .args(["-c", "listen_addresses=", "-c", "fsync=off"])
-            .args(["-c", "max_connections=300", "-c", "shared_buffers=32MB"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(
-                std::fs::File::create(dir.join("server.log"))
-                    .map(Stdio::from)
-                    .unwrap_or(Stdio::null()),
-            );
-        if shared {
-            // SAFETY: prctl is async-signal-safe; it only sets the parent-death signal.
-            unsafe {
-                cmd.pre_exec(|| {
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGQUIT);
-                    Ok(())
-                });
-            }
-        }
-        let child = cmd.spawn().expect("run postgres");
+        let child = launch(&dir, shared);
         let mut server = PgServer {
             dir,
             child,
@@ -246,6 +222,16 @@ impl PgServer {
         signal(self.child.id(), "CONT");
     }
 
+    /// Stops the server (fast shutdown: every connection is closed) and starts it again
+    /// on the same data; returns once it accepts connections.
+    pub fn restart(&mut self) {
+        self.resume();
+        signal(self.child.id(), "INT");
+        let _ = self.child.wait();
+        self.child = launch(&self.dir, false);
+        self.wait_ready();
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
     }
@@ -273,6 +259,40 @@ impl PgServer {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// Starts `postgres` on the cluster in `dir/data`, its socket in `dir`.
+fn launch(dir: &Path, shared: bool) -> Child {
+    let bin = bin_dir();
+    let data = dir.join("data");
+    let mut cmd = Command::new(bin.join("postgres"));
+    as_server_user(&mut cmd)
+        .arg("-D")
+        .arg(&data)
+        .arg("-k")
+        .arg(&dir)
+        .args(["-c", "listen_addresses=", "-c", "fsync=off"])
+        .args(["-c", "max_connections=300", "-c", "shared_buffers=32MB"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join("server.log"))
+                .map(Stdio::from)
+                .unwrap_or(Stdio::null()),
+        );
+    if shared {
+        // SAFETY: prctl is async-signal-safe; it only sets the parent-death signal.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGQUIT);
+                Ok(())
+            });
+        }
+    }
+    cmd.spawn().expect("run postgres")
 }
 
 impl Drop for PgServer {
