@@ -270,7 +270,7 @@ fn launch(dir: &Path, shared: bool) -> Child {
         .arg("-D")
         .arg(&data)
         .arg("-k")
-        .arg(&dir)
+        .arg(dir)
         .args(["-c", "listen_addresses=", "-c", "fsync=off"])
         .args(["-c", "max_connections=300", "-c", "shared_buffers=32MB"])
         .stdin(Stdio::null())
