@@ -1,9 +1,8 @@
 //! Faults made for real: SIGKILL, SIGSTOP, FLUSHALL, a paused Redis, a restarted
 //! PostgreSQL, racing joins, a presence storm with a peer burst, and a churn of
-//! reconnecting users. What they show
-//! is the promise of contract sections 3 and 9: every `sent` message reaches every
-//! connection of every recipient, live or through the sync that follows a `resync` or
-//! a reconnect, and nothing sent is lost.
+//! reconnecting users. What they show is the promise of contract sections 3 and 9:
+//! every `sent` message reaches every connection of every recipient, live or through
+//! the sync that follows a `resync` or a reconnect, and nothing sent is lost.
 
 mod common;
 
