@@ -23,6 +23,7 @@ pub enum AuthError {
     BadSubject,
 }
 
+#[derive(Clone)]
 pub enum Authenticator {
     Development,
     Jwt {

@@ -126,7 +126,8 @@ pub struct Layer {
     /// A client silent (no pong, no frame) this long is dropped, ms [default: 30000]
     #[arg(long, env = "CHATMESH_CLIENT_TIMEOUT_MS")]
     pub client_timeout_ms: Option<u64>,
-    /// HTTP worker threads [default: number of CPUs]
+    /// Worker threads serving both listeners; the first also runs the node's core
+    /// [default: number of CPUs]
     #[arg(long, env = "CHATMESH_WORKERS")]
     pub workers: Option<usize>,
     /// Idempotency window of client_id, seconds [default: 86400]

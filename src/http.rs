@@ -28,13 +28,14 @@ use crate::session::{Timings, WsSession};
 use crate::socket::KillSwitch;
 use crate::store::By;
 
-/// Everything a handler needs, shared by all workers.
+/// Everything a handler needs: each worker has a copy, sharing everything in it.
+#[derive(Clone)]
 pub struct AppState {
     pub chat: Arc<Chat>,
     pub settings: Arc<Settings>,
     pub auth: Authenticator,
     /// Set when shutdown starts: new websockets are refused, /readyz says 503.
-    pub draining: AtomicBool,
+    pub draining: Arc<AtomicBool>,
 }
 
 /// Public listener: pages, /ws, /api, health and metrics.

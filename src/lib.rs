@@ -4,7 +4,8 @@
 //!
 //! - [`run`] starts a node on listeners the caller bound (so tests can bind port 0) and
 //!   stops it when the caller's shutdown future resolves. `main.rs` only parses settings,
-//!   binds and waits for SIGTERM/SIGINT.
+//!   binds and waits for SIGTERM/SIGINT. Both listeners share the worker threads, and the
+//!   node's core is built on the first worker, beside the sockets it serves.
 //! - [`config`]: settings, layered flag > environment > file > default.
 //! - [`http`]: the route tables of the public and the internal listener; [`pages`]: the
 //!   server-rendered pages; [`auth`]: development ids and JWTs; [`socket`]: the public
@@ -42,10 +43,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix::Actor;
+use actix::{Actor, Addr};
 use actix_service::{fn_service, map_config, ServiceFactoryExt as _};
 use actix_web::dev::{AppConfig, Extensions};
-use actix_web::{web, App, HttpServer};
+use actix_web::App;
+use tokio::sync::oneshot;
 
 use crate::auth::Authenticator;
 use crate::chat::Chat;
@@ -79,6 +81,11 @@ pub enum RunError {
 /// 1012, the directory and the peers are told, the node leaves the cluster.
 ///
 /// Must be called inside an actix system (`actix_web::rt::System`).
+///
+/// Both listeners are served by the same worker threads, and the node's core (the
+/// store's writer and connections, the ChatServer, the cluster's actors and Redis
+/// connections) is built on the first worker (see [`Boot`]), so with one worker a
+/// message crosses no thread on its way from one socket to another.
 pub async fn run(
     settings: Settings,
     public: TcpListener,
@@ -93,67 +100,41 @@ pub async fn run(
     }
     let settings = Arc::new(settings);
     let metrics = Arc::new(Metrics::new());
-    let store = store::open(
-        &settings.database_url,
-        settings.store,
-        settings.store_timeout,
-    )
-    .await
-    .map_err(RunError::Store)?;
-    let server = ChatServer::new(metrics.clone(), settings.limits.live_room_size).start();
-    let cluster = match &settings.redis_url {
-        None => None,
-        Some(_) => Some(
-            cluster::start(
-                settings.clone(),
-                store.clone(),
-                server.clone(),
-                metrics.clone(),
-            )
-            .await?,
-        ),
-    };
-
-    let chat = Arc::new(Chat::new(
-        settings.node_id.clone(),
-        store.clone(),
-        server.clone(),
-        cluster.clone(),
-        metrics.clone(),
-        settings.limits.clone(),
-        settings.store_timeout,
-    ));
-    let auth = Authenticator::new(settings.jwt_secret.as_deref());
-    if auth.is_development() {
-        log::warn!(
-            "development mode: no --jwt-secret, so /ws trusts ?uid= and anyone can be anyone"
-        );
-    }
-    let state = web::Data::new(AppState {
-        chat: chat.clone(),
+    let (report, booted) = oneshot::channel();
+    let boot = Arc::new(Boot {
         settings: settings.clone(),
-        auth,
-        draining: AtomicBool::new(false),
+        metrics: metrics.clone(),
+        claimed: AtomicBool::new(false),
+        report: std::sync::Mutex::new(Some(report)),
+        state: tokio::sync::SetOnce::new(),
     });
-
-    let public_server = serve_public(public, settings.workers, state.clone())?;
-    let internal_server = HttpServer::new({
-        let state = state.clone();
-        move || {
-            App::new()
-                .app_data(state.clone())
-                .configure(http::internal_routes)
+    let server = serve(public, internal, settings.workers, boot)?;
+    let server_handle = server.handle();
+    let server_task = actix_web::rt::spawn(server);
+    let node = match booted.await {
+        Ok(Ok(node)) => node,
+        Ok(Err(e)) => {
+            server_handle.stop(false).await;
+            let _ = server_task.await;
+            return Err(e);
         }
-    })
-    .listen(internal)?
-    .workers(1)
-    .disable_signals()
-    .shutdown_timeout(HTTP_SHUTDOWN_TIMEOUT_SECS)
-    .run();
-    let public_handle = public_server.handle();
-    let internal_handle = internal_server.handle();
-    let public_task = actix_web::rt::spawn(public_server);
-    let internal_task = actix_web::rt::spawn(internal_server);
+        // The worker that was building it ended first: the server says why.
+        Err(_) => {
+            server_handle.stop(false).await;
+            return match server_task.await {
+                Ok(Err(e)) => Err(e.into()),
+                _ => Err(RunError::Io(std::io::Error::other(
+                    "the worker building the node stopped",
+                ))),
+            };
+        }
+    };
+    let Node {
+        state,
+        server,
+        cluster,
+        store,
+    } = node;
     let purge_task = actix_web::rt::spawn(purge(store.clone()));
     let trim_task = actix_web::rt::spawn(return_memory(metrics.clone()));
 
@@ -193,29 +174,136 @@ pub async fn run(
         cluster.deregister().await;
         cluster.stop().await;
     }
-    public_handle.stop(true).await;
-    internal_handle.stop(true).await;
-    let _ = public_task.await;
-    let _ = internal_task.await;
+    server_handle.stop(true).await;
+    let _ = server_task.await;
     log::info!("node {} stopped", settings.node_id);
     Ok(())
 }
 
-/// The public listener: every connection wrapped in [`Guarded`], whose kill switch the
-/// websocket handler finds in the connection data.
-fn serve_public(
-    listener: TcpListener,
+/// What [`run`] needs of a built node to run and stop it.
+struct Node {
+    state: AppState,
+    server: Addr<ChatServer>,
+    cluster: Option<cluster::Cluster>,
+    store: SharedStore,
+}
+
+/// Builds the node's core once, on the worker whose app asks first, and hands every
+/// worker's app the same state. Actors, the store's writer task and the Redis and
+/// database connections belong to the thread that starts them, so they share that
+/// worker's thread with its sockets. (The apps are built before a worker serves
+/// anything, so no request arrives before the node is ready, as when it was built
+/// before the listeners started.)
+struct Boot {
+    settings: Arc<Settings>,
+    metrics: Arc<Metrics>,
+    claimed: AtomicBool,
+    /// Where the first worker reports the result to [`run`].
+    report: std::sync::Mutex<Option<oneshot::Sender<Result<Node, RunError>>>>,
+    /// The state every app gets; None if the node could not be built.
+    state: tokio::sync::SetOnce<Option<AppState>>,
+}
+
+impl Boot {
+    /// The app state of a worker: built here by the first worker that asks.
+    /// (actix-web wraps it in the `web::Data` the handlers take.)
+    async fn state(self: Arc<Self>) -> Result<AppState, String> {
+        if !self.claimed.swap(true, Ordering::SeqCst) {
+            let built = build(self.settings.clone(), self.metrics.clone()).await;
+            let _ = self.state.set(built.as_ref().ok().map(|n| n.state.clone()));
+            if let Some(report) = self.report.lock().ok().and_then(|mut r| r.take()) {
+                let _ = report.send(built);
+            }
+        }
+        self.state
+            .wait()
+            .await
+            .clone()
+            .ok_or_else(|| "the node could not start (see the error above)".to_owned())
+    }
+}
+
+/// Opens the store, starts the ChatServer and, in cluster mode, joins the cluster.
+async fn build(settings: Arc<Settings>, metrics: Arc<Metrics>) -> Result<Node, RunError> {
+    let store = store::open(
+        &settings.database_url,
+        settings.store,
+        settings.store_timeout,
+    )
+    .await
+    .map_err(RunError::Store)?;
+    let server = ChatServer::new(metrics.clone(), settings.limits.live_room_size).start();
+    let cluster = match &settings.redis_url {
+        None => None,
+        Some(_) => Some(
+            cluster::start(
+                settings.clone(),
+                store.clone(),
+                server.clone(),
+                metrics.clone(),
+            )
+            .await?,
+        ),
+    };
+    let chat = Arc::new(Chat::new(
+        settings.node_id.clone(),
+        store.clone(),
+        server.clone(),
+        cluster.clone(),
+        metrics.clone(),
+        settings.limits.clone(),
+        settings.store_timeout,
+    ));
+    let auth = Authenticator::new(settings.jwt_secret.as_deref());
+    if auth.is_development() {
+        log::warn!(
+            "development mode: no --jwt-secret, so /ws trusts ?uid= and anyone can be anyone"
+        );
+    }
+    let state = AppState {
+        chat,
+        settings,
+        auth,
+        draining: Arc::new(AtomicBool::new(false)),
+    };
+    Ok(Node {
+        state,
+        server,
+        cluster,
+        store,
+    })
+}
+
+/// One server, two listeners on the same workers: the public one (every connection
+/// wrapped in [`Guarded`], whose kill switch the websocket handler finds in the
+/// connection data) and the internal one (the peer API).
+fn serve(
+    public: TcpListener,
+    internal: TcpListener,
     workers: usize,
-    state: web::Data<AppState>,
+    boot: Arc<Boot>,
 ) -> std::io::Result<actix_server::Server> {
-    let addr = listener.local_addr()?;
-    Ok(actix_server::Server::build()
-        .listen("chatmesh-public", listener, move || {
+    let public_addr = public.local_addr()?;
+    let internal_addr = internal.local_addr()?;
+    let internal_boot = boot.clone();
+    let builder = actix_server::Server::build();
+    // On a graceful stop, idle keep-alive connections (the peers' pooled ones) close at
+    // once instead of holding the stop for its whole timeout (as HttpServer does it).
+    let stopping = builder.graceful_shutdown_signal();
+    let internal_stopping = stopping.clone();
+    Ok(builder
+        .listen("chatmesh-public", public, move || {
+            let boot = boot.clone();
             let app = App::new()
-                .app_data(state.clone())
+                .data_factory(move || boot.clone().state())
                 .configure(http::public_routes);
+            let stopping = stopping.clone();
             let http = actix_http::HttpService::build()
-                .local_addr(addr)
+                .local_addr(public_addr)
+                .graceful_shutdown_signal(move || {
+                    let stopping = stopping.clone();
+                    async move { stopping.notified().await }
+                })
                 .on_connect_ext(|io: &Guarded, ext: &mut Extensions| {
                     ext.insert(io.switch());
                 })
@@ -235,6 +323,25 @@ fn serve_public(
                 ))
             })
             .and_then(http)
+        })?
+        .listen("chatmesh-internal", internal, move || {
+            let boot = internal_boot.clone();
+            let app = App::new()
+                .data_factory(move || boot.clone().state())
+                .configure(http::internal_routes);
+            let stopping = internal_stopping.clone();
+            actix_http::HttpService::build()
+                .local_addr(internal_addr)
+                .graceful_shutdown_signal(move || {
+                    let stopping = stopping.clone();
+                    async move { stopping.notified().await }
+                })
+                .finish(map_config(
+                    actix_service::IntoServiceFactory::into_factory(app)
+                        .map_err(|e: actix_web::Error| e.error_response()),
+                    |_| AppConfig::default(),
+                ))
+                .tcp()
         })?
         .workers(workers)
         .disable_signals()
