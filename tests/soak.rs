@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::{Client, ClusterEnv, Event, Seen, TestNode};
 use rand::{Rng, SeedableRng};
-use serde_json::json;
+use serde_json::{json, Value};
 
 const USERS: usize = 18;
 const ROOMS: [&str; 2] = ["soak-a", "soak-b"];
@@ -39,6 +39,21 @@ struct Tally {
     sent: usize,
     live: usize,
     server_closes: Vec<String>,
+    /// Messages one connection was sent live twice (sync may repeat a live one; the
+    /// live path must not).
+    live_twice: Vec<String>,
+}
+
+/// Records a live frame of one connection; a message it already had live is a duplicate.
+fn live(f: &Value, this_session: &mut BTreeSet<(String, u64)>, tally: &mut Tally, me: &str) {
+    if f["type"] != "message" {
+        return;
+    }
+    if let (Some(conv), Some(seq)) = (f["conv"].as_str(), f["seq"].as_u64()) {
+        if !this_session.insert((conv.to_owned(), seq)) {
+            tally.live_twice.push(format!("{me}: {conv} {seq}"));
+        }
+    }
 }
 
 /// One user for `secs` seconds: sessions on random nodes, each a sync, a few sends
@@ -58,6 +73,7 @@ async fn churn(
     while Instant::now() < until {
         let url = format!("{}?uid={me}", nodes[rng.random_range(0..nodes.len())]);
         let mut c = Client::connect_url(&url, &me).await;
+        let mut this_session = BTreeSet::new();
         tally.sessions += 1;
         c.sync_into(&mut seen, &convs).await;
         let actions = rng.random_range(1..12);
@@ -77,6 +93,7 @@ async fn churn(
             loop {
                 match c.next_event().await {
                     Event::Frame(f) => {
+                        live(&f, &mut this_session, &mut tally, &me);
                         if seen.record(&f) {
                             tally.live += 1;
                         }
@@ -112,6 +129,7 @@ async fn churn(
                 .await
                 {
                     Ok(Event::Frame(f)) => {
+                        live(&f, &mut this_session, &mut tally, &me);
                         if seen.record(&f) {
                             tally.live += 1;
                         }
@@ -184,7 +202,10 @@ async fn churn_soak_delivers_every_message_exactly_once() {
         total.sent += tally.sent;
         total.live += tally.live;
         total.server_closes.extend(tally.server_closes);
+        total.live_twice.extend(tally.live_twice);
     }
+    let seqs_taken: usize = sent.values().map(BTreeSet::len).sum();
+    assert_eq!(seqs_taken, total.sent, "two sends were given one seq");
     let expected_deliveries: usize = (0..USERS)
         .map(|i| {
             convs_of(i)
@@ -208,6 +229,11 @@ async fn churn_soak_delivers_every_message_exactly_once() {
         total.sent > 100,
         "the soak sent only {} messages",
         total.sent
+    );
+    assert!(
+        total.live_twice.is_empty(),
+        "messages delivered live twice to one connection: {:?}",
+        total.live_twice
     );
     assert!(
         total.server_closes.is_empty(),
