@@ -328,10 +328,25 @@ async fn paused_postgres_gives_unavailable_and_the_retry_lands_once() {
     alice.direct("bob", "before", "k0").await;
     bob.recv_type("message").await;
     pg.pause();
+    let asked = std::time::Instant::now();
     alice
         .send(json!({"type":"direct","to":"bob","body":"during","client_id":"k1"}))
         .await;
+    // While her send waits on the database, her connection still gets what needs none.
+    bob.send(json!({"type":"typing","conv":"dm:alice:bob"}))
+        .await;
+    assert_eq!(
+        alice.recv().await,
+        json!({"type":"typing","conv":"dm:alice:bob","uid":"bob"}),
+        "a connection waiting on the store keeps receiving"
+    );
     let e = alice.recv().await;
+    // Answered at the store deadline (500 ms), not whenever the database comes back.
+    let waited = asked.elapsed();
+    assert!(
+        waited < std::time::Duration::from_millis(2500),
+        "unavailable took {waited:?} with a 500 ms store timeout"
+    );
     assert_eq!(
         (
             e["type"].as_str(),
