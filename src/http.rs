@@ -417,6 +417,7 @@ async fn websocket(
         }
     };
     if state.draining.load(Ordering::Relaxed) {
+        log::info!("refused a websocket upgrade for {uid}: the node is shutting down");
         return Ok(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
@@ -497,6 +498,9 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
 }
 
 async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    if let Some(stats) = state.chat.store.write_stats() {
+        state.chat.metrics.set_write_stats(stats);
+    }
     HttpResponse::Ok()
         .insert_header((
             header::CONTENT_TYPE,

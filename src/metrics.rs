@@ -9,6 +9,7 @@ use prometheus::{
 };
 
 use crate::protocol::ErrorCode;
+use crate::store::WriteStats;
 
 pub struct Metrics {
     registry: Registry,
@@ -30,6 +31,8 @@ pub struct Metrics {
     pub resyncs: IntCounter,
     pub mailbox_full: IntCounter,
     pub outbox_dropped: IntCounter,
+    store_commits: IntCounter,
+    store_writes: IntCounter,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: T) -> T {
@@ -135,7 +138,7 @@ impl Metrics {
             ),
             resyncs: counter(
                 "chatmesh_resyncs_total",
-                "connections told to resync (resync frames queued) because they may have missed live messages",
+                "resync frames written to connections (they may have missed live messages: a dropped peer batch, Redis lost, a node died, their own bound overflowed)",
             ),
             mailbox_full: counter(
                 "chatmesh_mailbox_full_total",
@@ -149,6 +152,14 @@ impl Metrics {
                 "chatmesh_flooders_closed_total",
                 "connections closed for flooding past rate_limited",
             ),
+            store_commits: counter(
+                "chatmesh_store_commits_total",
+                "write transactions the database writer committed (SQL stores)",
+            ),
+            store_writes: counter(
+                "chatmesh_store_writes_total",
+                "writes those transactions carried: writes / commits is the group commit size",
+            ),
             errors,
             registry: r,
         }
@@ -156,6 +167,16 @@ impl Metrics {
 
     pub fn error(&self, code: ErrorCode) {
         self.errors.with_label_values(&[code.as_str()]).inc();
+    }
+
+    /// Brings the store's counts (kept by its writer) into the registry.
+    pub fn set_write_stats(&self, stats: WriteStats) {
+        for (counter, now) in [
+            (&self.store_commits, stats.commits),
+            (&self.store_writes, stats.writes),
+        ] {
+            counter.inc_by(now.saturating_sub(counter.get()));
+        }
     }
 
     /// The Prometheus text exposition.

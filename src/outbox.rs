@@ -56,6 +56,8 @@ pub struct Taken {
     pub frames: Vec<OutFrame>,
     /// Live message frames among them (for the deliveries metric).
     pub messages: u64,
+    /// A `resync` is among them (the connection overflowed its bound and caught up).
+    pub resync: bool,
     /// Send this close frame after the frames; the connection then ends.
     pub close: Option<Closing>,
 }
@@ -335,6 +337,7 @@ impl Outbox {
         }
         if s.resync_due && s.messages <= self.limits.max_messages / 2 && s.close.is_none() {
             s.resync_due = false;
+            taken.resync = true;
             taken
                 .frames
                 .push(OutFrame::Text(ByteString::from_static(RESYNC_FRAME)));

@@ -353,6 +353,47 @@ async fn server_api() {
     assert_eq!(r.status, 400);
 }
 
+/// A refused upgrade is logged at info level with the reason the client was given.
+#[test]
+fn refused_upgrades_are_logged_with_their_reason() {
+    let mut node = common::LoggedProcess::spawn(
+        common::chatmesh_on_port_0()
+            .args(["--database-url", "memory:", "--jwt-secret", "s3cret"])
+            .env("RUST_LOG", "info"),
+    );
+    let addr = node.public_address();
+    let r = common::http_blocking(
+        "GET",
+        &format!("http://{addr}/ws?token=not.a.jwt"),
+        &[],
+        None,
+    )
+    .unwrap();
+    assert_eq!(r.status, 401);
+    let reason = serde_json::from_str::<serde_json::Value>(&r.body).unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let line = node.wait_for("refused a websocket upgrade");
+    assert!(line.contains("INFO"), "{line}");
+    assert!(line.contains(&reason), "{line} does not say {reason:?}");
+    let r = common::http_blocking(
+        "GET",
+        &format!("http://{addr}/ws?uid=alice"),
+        &[("Origin", "http://evil.example")],
+        None,
+    )
+    .unwrap();
+    assert_eq!(r.status, 403);
+    let line = node.wait_for("refused websocket from origin");
+    assert!(
+        line.contains("INFO") && line.contains("evil.example"),
+        "{line}"
+    );
+    let _ = node.child.kill();
+    let _ = node.child.wait();
+}
+
 #[test]
 fn binary_logs_listening_on_and_exits_0_on_sigterm() {
     let mut node = common::LoggedProcess::spawn(

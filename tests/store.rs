@@ -114,6 +114,50 @@ async fn three_writers_on_one_postgres_share_gap_free_seqs() {
     }
 }
 
+/// Group commit: appends that wait for the writer at the same time go to the database
+/// in one transaction (one fsync), each with its own seq. One at a time, 200 appends
+/// would take 200 commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn appends_waiting_together_commit_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("g.db").display());
+    let s = open(&url, StoreLimits::default()).await;
+    let before = s.write_stats().expect("a SQL store counts its commits");
+    let sends: Vec<_> = (0..200)
+        .map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let from = format!("u{}", i % 10);
+                s.append(dm(&from, "hub", "x", Some(&format!("c{i}"))))
+                    .await
+                    .expect("append")
+            })
+        })
+        .collect();
+    let mut seqs: Vec<u64> = Vec::new();
+    for t in sends {
+        let appended = t.await.unwrap();
+        assert!(!appended.duplicate);
+        if appended.message.conv == "dm:hub:u0" {
+            seqs.push(appended.message.seq);
+        }
+    }
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=20).collect::<Vec<u64>>());
+    for u in 0..10 {
+        let conv = chatmesh::protocol::dm_conv(&format!("u{u}"), "hub");
+        assert_eq!(read_all(&*s, &conv).await, (1..=20).collect::<Vec<u64>>());
+    }
+    let after = s.write_stats().unwrap();
+    let (commits, writes) = (after.commits - before.commits, after.writes - before.writes);
+    assert_eq!(writes, 200, "every append committed once");
+    assert!(
+        commits <= 40,
+        "200 appends waiting together took {commits} commits (groups of {:.1})",
+        writes as f64 / commits as f64
+    );
+}
+
 /// The same client id sent to two nodes at once is stored once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_resend_to_another_writer_is_stored_once() {

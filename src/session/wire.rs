@@ -146,6 +146,9 @@ impl Stream for OutboxBody {
         self.outbox.register(cx.waker());
         let taken = self.outbox.take(BODY_BUDGET);
         self.metrics.deliveries.inc_by(taken.messages);
+        if taken.resync {
+            self.metrics.resyncs.inc();
+        }
         for frame in taken.frames {
             let msg = match frame {
                 OutFrame::Text(t) => Message::Text(t),

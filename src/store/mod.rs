@@ -336,11 +336,26 @@ impl Default for StoreLimits {
     }
 }
 
+/// What a store's writer has committed since it started: how well group commit works
+/// (`writes / commits` is the average group).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteStats {
+    /// Write transactions committed.
+    pub commits: u64,
+    /// Writes (appends, marks, room changes) those transactions carried.
+    pub writes: u64,
+}
+
 /// The store of record. Every method is one transaction (or one consistent read).
 #[async_trait]
 pub trait Store: Send + Sync {
     /// The life of this database: made with it, the same across restarts.
     fn epoch(&self) -> &str;
+
+    /// The writer's commits, for stores that commit (not the memory store).
+    fn write_stats(&self) -> Option<WriteStats> {
+        None
+    }
 
     /// Stores a message with the next seq of its conversation, or answers the message
     /// first stored under its client id. Refused: `NotMember` (a room message from a

@@ -12,8 +12,9 @@
 //!   jobs) starts a pass at most every [`MIN_PASS_INTERVAL`], so its passes carry more.
 //!   Room changes get a transaction each.
 //! - **Decide in Rust, on state read in the same transaction.** The append transaction
-//!   locks each conversation's counter row (`SELECT ... FOR UPDATE` on PostgreSQL,
-//!   where other nodes write too; SQLite has one writer), reads what the rules look at
+//!   locks each conversation's counter row (on PostgreSQL, where other nodes write
+//!   too, by the upsert that takes the seqs: `INSERT ... ON CONFLICT DO UPDATE ...
+//!   RETURNING`, which holds the row lock to the commit; SQLite has one writer), reads what the rules look at
 //!   (the sender's role, the message an edit names, earlier client ids), lets
 //!   [`super::rules`] decide, and writes the messages with the seqs it took. The
 //!   counter and the messages commit together, so seqs are gap-free and strictly
@@ -34,6 +35,8 @@ pub use sqlite::SqliteStore;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -44,7 +47,7 @@ use super::rules::{self, AppendView, JoinPlan, RoomView, Target, UserView};
 use super::{
     Added, Appended, By, Change, ConvState, Inbox, InboxCursor, Joined, MarkKind, NewMessage,
     NewRoom, Page, Purged, ReadRequest, Receipt, Refusal, Removed, Role, RoomInfo, Store,
-    StoreError, StoreLimits, UserRoom,
+    StoreError, StoreLimits, UserRoom, WriteStats,
 };
 use crate::protocol::{now_ms, room_conv, Conv, Message};
 
@@ -69,6 +72,15 @@ pub type SqlResult<T> = Result<T, sqlx::Error>;
 /// The message columns every query that reads messages selects, in this order.
 pub(crate) const MESSAGE_COLUMNS: &str =
     "conv, seq, id, sender, body, ts, edit_of, delete_of, edited, deleted";
+
+/// [`MESSAGE_COLUMNS`] of table alias `prefix` (`l.conv, l.seq, ...`).
+pub(crate) fn prefixed(prefix: &str) -> String {
+    MESSAGE_COLUMNS
+        .split(", ")
+        .map(|col| format!("{prefix}.{col}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 /// A message row, as both databases return it.
 pub(crate) struct MessageRow {
@@ -287,7 +299,15 @@ pub struct SqlStore<D: Dialect> {
     read: Pool<D::Db>,
     jobs: mpsc::Sender<Job>,
     epoch: String,
+    committed: Arc<Committed>,
     _dialect: PhantomData<D>,
+}
+
+/// The writer's counts behind [`Store::write_stats`].
+#[derive(Default)]
+struct Committed {
+    commits: AtomicU64,
+    writes: AtomicU64,
 }
 
 impl<D: Dialect> SqlStore<D>
@@ -306,11 +326,13 @@ where
             D::epoch(&mut c, &candidate).await.map_err(map_err)?
         };
         let (jobs, queue) = mpsc::channel(WRITE_QUEUE);
-        tokio::spawn(writer::<D>(write, queue, limits));
+        let committed = Arc::new(Committed::default());
+        tokio::spawn(writer::<D>(write, queue, limits, committed.clone()));
         Ok(SqlStore {
             read,
             jobs,
             epoch,
+            committed,
             _dialect: PhantomData,
         })
     }
@@ -342,8 +364,12 @@ fn unexpected() -> StoreError {
 /// of the round trips of a busy writer. After a pass in which the database failed, the
 /// connection goes back to the pool (whose ping closes it if it is broken) and the next
 /// pass takes one afresh.
-async fn writer<D: Dialect>(pool: Pool<D::Db>, mut queue: mpsc::Receiver<Job>, limits: StoreLimits)
-where
+async fn writer<D: Dialect>(
+    pool: Pool<D::Db>,
+    mut queue: mpsc::Receiver<Job>,
+    limits: StoreLimits,
+    committed: Arc<Committed>,
+) where
     for<'c> &'c mut Conn<D>: sqlx::Executor<'c, Database = D::Db>,
 {
     let mut batch = Vec::with_capacity(MAX_BATCH);
@@ -388,10 +414,11 @@ where
                 }
             },
         };
-        let mut healthy = run_group::<D>(conn, appends, &limits, append_batch::<D>).await;
-        healthy &= run_group::<D>(conn, marks, &limits, mark_batch::<D>).await;
+        let c = &*committed;
+        let mut healthy = run_group::<D>(conn, appends, &limits, c, append_batch::<D>).await;
+        healthy &= run_group::<D>(conn, marks, &limits, c, mark_batch::<D>).await;
         for job in others {
-            healthy &= run_group::<D>(conn, vec![job], &limits, single::<D>).await;
+            healthy &= run_group::<D>(conn, vec![job], &limits, c, single::<D>).await;
         }
         if !healthy {
             held = None;
@@ -415,6 +442,7 @@ async fn run_group<D: Dialect>(
     conn: &mut Conn<D>,
     jobs: Vec<Job>,
     limits: &StoreLimits,
+    committed: &Committed,
     f: GroupFn<D>,
 ) -> bool
 where
@@ -423,7 +451,7 @@ where
     if jobs.is_empty() {
         return true;
     }
-    match transact::<D>(conn, &jobs, limits, f).await {
+    match transact::<D>(conn, &jobs, limits, committed, f).await {
         Ok(outcomes) => {
             answer(jobs, outcomes);
             true
@@ -435,7 +463,7 @@ where
             );
             let mut healthy = true;
             for job in jobs {
-                match transact::<D>(conn, std::slice::from_ref(&job), limits, f).await {
+                match transact::<D>(conn, std::slice::from_ref(&job), limits, committed, f).await {
                     Ok(outcomes) => answer(vec![job], outcomes),
                     Err(e) => {
                         healthy = false;
@@ -460,6 +488,7 @@ async fn transact<D: Dialect>(
     conn: &mut Conn<D>,
     jobs: &[Job],
     limits: &StoreLimits,
+    committed: &Committed,
     f: GroupFn<D>,
 ) -> SqlResult<Vec<Outcome>>
 where
@@ -474,6 +503,10 @@ where
         match f(&mut *tx, &ops, limits).await {
             Ok(outcomes) => {
                 tx.commit().await?;
+                committed.commits.fetch_add(1, Ordering::Relaxed);
+                committed
+                    .writes
+                    .fetch_add(jobs.len() as u64, Ordering::Relaxed);
                 return Ok(outcomes);
             }
             Err(e) if is_lost_race(&e) => tx.rollback().await?,
@@ -873,6 +906,13 @@ where
 {
     fn epoch(&self) -> &str {
         &self.epoch
+    }
+
+    fn write_stats(&self) -> Option<WriteStats> {
+        Some(WriteStats {
+            commits: self.committed.commits.load(Ordering::Relaxed),
+            writes: self.committed.writes.load(Ordering::Relaxed),
+        })
     }
 
     async fn append(&self, msg: NewMessage) -> Result<Appended, StoreError> {

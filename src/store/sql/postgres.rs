@@ -1,7 +1,8 @@
 //! PostgreSQL: the store of record shared by every node of a cluster.
 //!
 //! Every node has its own writer, so here the rows a transaction depends on are locked:
-//! the conversations' counter rows (`FOR UPDATE`, sorted), then the senders' member
+//! the conversations' counter rows (by an upsert, which locks the row it conflicts with
+//! like `FOR UPDATE`; sorted), then the senders' member
 //! rows (`FOR UPDATE`, sorted: a concurrent removal waits, and a sender's marks are
 //! written without deadlocking with the marks transaction, which locks in the same
 //! order). Batches are written with arrays (`unnest`), so an append batch costs a fixed
@@ -16,8 +17,8 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::Row;
 
 use super::{
-    dialect, pool_timeout, role_from, AppendWrites, Conn, MessageRow, SqlResult, SqlStore,
-    MESSAGE_COLUMNS,
+    dialect, pool_timeout, prefixed, role_from, AppendWrites, Conn, MessageRow, SqlResult,
+    SqlStore, MESSAGE_COLUMNS,
 };
 use crate::protocol::{room_conv, Conv, Message};
 use crate::store::rules::{RoomView, Target, UserView};
@@ -81,14 +82,6 @@ fn message_at(row: &PgRow, at: usize) -> SqlResult<Message> {
 
 /// [`MESSAGE_COLUMNS`] of table alias `m` (`m.conv, m.seq, ...`), built once.
 static M_COLUMNS: LazyLock<String> = LazyLock::new(|| prefixed("m"));
-
-fn prefixed(prefix: &str) -> String {
-    MESSAGE_COLUMNS
-        .split(", ")
-        .map(|col| format!("{prefix}.{col}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
 
 fn i64s(v: impl IntoIterator<Item = u64>) -> Vec<i64> {
     v.into_iter().map(|x| x as i64).collect()

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::str::FromStr;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use sqlx::sqlite::{
@@ -16,8 +17,8 @@ use sqlx::sqlite::{
 use sqlx::Row;
 
 use super::{
-    dialect, map_err, pool_timeout, role_from, AppendWrites, Conn, MessageRow, SqlResult, SqlStore,
-    MESSAGE_COLUMNS,
+    dialect, map_err, pool_timeout, prefixed, role_from, AppendWrites, Conn, MessageRow, SqlResult,
+    SqlStore, MESSAGE_COLUMNS,
 };
 use crate::protocol::{room_conv, Message};
 use crate::store::rules::{RoomView, Target, UserView};
@@ -69,20 +70,46 @@ impl SqlStore<SqliteDialect> {
 }
 
 fn message(row: &SqliteRow) -> SqlResult<Message> {
+    message_at(row, 0)
+}
+
+/// A message from columns `at..at + 10` of a row (see [`MESSAGE_COLUMNS`]).
+fn message_at(row: &SqliteRow, at: usize) -> SqlResult<Message> {
     Ok(MessageRow {
-        conv: row.try_get(0)?,
-        seq: row.try_get(1)?,
-        id: row.try_get(2)?,
-        sender: row.try_get(3)?,
-        body: row.try_get(4)?,
-        ts: row.try_get(5)?,
-        edit_of: row.try_get(6)?,
-        delete_of: row.try_get(7)?,
-        edited: row.try_get(8)?,
-        deleted: row.try_get(9)?,
+        conv: row.try_get(at)?,
+        seq: row.try_get(at + 1)?,
+        id: row.try_get(at + 2)?,
+        sender: row.try_get(at + 3)?,
+        body: row.try_get(at + 4)?,
+        ts: row.try_get(at + 5)?,
+        edit_of: row.try_get(at + 6)?,
+        delete_of: row.try_get(at + 7)?,
+        edited: row.try_get(at + 8)?,
+        deleted: row.try_get(at + 9)?,
     }
     .into_message())
 }
+
+/// The inbox in one statement: the page of conversations, then the last message and
+/// the unread count of just those (as on PostgreSQL).
+static INBOX_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH page AS ( \
+           SELECT m.conv, m.read_seq, c.last_seq, c.last_ts FROM members m \
+           LEFT JOIN conversations c ON c.conv = m.conv \
+           WHERE m.uid = $1 AND ($2 IS NULL OR c.last_ts IS NULL OR c.last_ts < $2 \
+              OR (c.last_ts = $2 AND m.conv > $4)) \
+           ORDER BY c.last_ts IS NULL, c.last_ts DESC, m.conv LIMIT $3) \
+         SELECT p.conv, p.read_seq, \
+           (SELECT count(*) FROM messages u WHERE u.conv = p.conv AND u.seq > p.read_seq \
+            AND u.sender <> $1 AND u.edit_of IS NULL AND u.delete_of IS NULL \
+            AND u.deleted = 0), \
+           {} \
+         FROM page p LEFT JOIN messages l ON l.conv = p.conv AND l.seq = p.last_seq \
+         ORDER BY p.last_ts IS NULL, p.last_ts DESC, p.conv",
+        prefixed("l")
+    )
+});
 
 fn opt_i64(v: Option<u64>) -> Option<i64> {
     v.map(|v| v as i64)
@@ -312,46 +339,25 @@ dialect!(SqliteDialect, sqlx::Sqlite, "", {
         limit: usize,
         before: Option<InboxCursor>,
     ) -> SqlResult<Inbox> {
-        let rows: Vec<(String, i64, Option<i64>)> = sqlx::query_as(
-            "SELECT m.conv, m.read_seq, c.last_seq FROM members m \
-             LEFT JOIN conversations c ON c.conv = m.conv \
-             WHERE m.uid = $1 AND ($2 IS NULL OR c.last_ts IS NULL OR c.last_ts < $2 \
-                OR (c.last_ts = $2 AND m.conv > $4)) \
-             ORDER BY c.last_ts IS NULL, c.last_ts DESC, m.conv LIMIT $3",
-        )
-        .bind(uid)
-        .bind(before.as_ref().map(|b| b.ts as i64))
-        .bind(limit as i64 + 1)
-        .bind(before.and_then(|b| b.conv))
-        .fetch_all(&mut *c)
-        .await?;
-        let more = rows.len() > limit;
-        let last_sql =
-            format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE conv = $1 AND seq = $2");
-        let mut conversations = Vec::with_capacity(limit.min(rows.len()));
-        for (conv, read, last_seq) in rows.into_iter().take(limit) {
-            let last = match last_seq {
-                Some(seq) if seq > 0 => sqlx::query(&last_sql)
-                    .bind(&conv)
-                    .bind(seq)
-                    .fetch_optional(&mut *c)
-                    .await?
-                    .map(|r| message(&r))
-                    .transpose()?,
-                _ => None,
-            };
-            let (unread,): (i64,) = sqlx::query_as(
-                "SELECT count(*) FROM messages WHERE conv = $1 AND seq > $2 AND sender <> $3 \
-                 AND edit_of IS NULL AND delete_of IS NULL AND deleted = 0",
-            )
-            .bind(&conv)
-            .bind(read)
+        let rows = sqlx::query(&INBOX_SQL)
             .bind(uid)
-            .fetch_one(&mut *c)
+            .bind(before.as_ref().map(|b| b.ts as i64))
+            .bind(limit as i64 + 1)
+            .bind(before.and_then(|b| b.conv))
+            .fetch_all(&mut *c)
             .await?;
+        let more = rows.len() > limit;
+        let mut conversations = Vec::with_capacity(limit.min(rows.len()));
+        for row in rows.iter().take(limit) {
+            let last_conv: Option<String> = row.try_get(3)?;
+            let read: i64 = row.try_get(1)?;
+            let unread: i64 = row.try_get(2)?;
             conversations.push(InboxEntry {
-                conv,
-                last,
+                conv: row.try_get(0)?,
+                last: match last_conv {
+                    Some(_) => Some(message_at(row, 3)?),
+                    None => None,
+                },
                 read: read as u64,
                 unread: unread as u64,
             });
