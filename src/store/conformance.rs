@@ -365,6 +365,19 @@ async fn rooms_join_leave_and_owners(store: Arc<dyn Store>) {
         ),
         Refusal::Forbidden(_)
     ));
+    // ... and so does anyone else (section 7: "others: forbidden"), members or not
+    assert!(matches!(
+        refused(
+            store
+                .add_member(&user("zoe"), "lobby", "zoe", Role::Member)
+                .await
+        ),
+        Refusal::Forbidden(_)
+    ));
+    assert!(matches!(
+        refused(store.remove_member(&user("zoe"), "lobby", "m0", true).await),
+        Refusal::Forbidden(_)
+    ));
     let added = store
         .add_member(&user("alice"), "lobby", "bob", Role::Owner)
         .await

@@ -209,11 +209,9 @@ pub fn check_owner(
     match by {
         By::Server => Ok(()),
         By::User(_) if by_role == Some(Role::Owner) => Ok(()),
-        By::User(_) if by_role.is_some() => Err(Refusal::Forbidden(format!(
+        // Members and non-members alike (contract section 7: "others: forbidden").
+        By::User(_) => Err(Refusal::Forbidden(format!(
             "only owners of {room} add and remove members"
-        ))),
-        By::User(_) => Err(Refusal::NotMember(format!(
-            "you are not a member of {room}"
         ))),
     }
 }
@@ -437,6 +435,10 @@ mod tests {
         assert!(check_owner(&By::Server, "r", &r, None).is_ok());
         assert!(matches!(
             check_owner(&user("a"), "r", &r, Some(Role::Member)),
+            Err(Refusal::Forbidden(_))
+        ));
+        assert!(matches!(
+            check_owner(&user("a"), "r", &r, None),
             Err(Refusal::Forbidden(_))
         ));
         assert!(matches!(
