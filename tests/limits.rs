@@ -82,6 +82,39 @@ async fn oversize_frame_closes_with_1009() {
     assert!(b.drain().await.is_empty(), "nothing was delivered");
 }
 
+/// A fragmented message is limited as a whole: fragments each under the limit, whose
+/// sum is over it, close with 1009 when the fragment that crosses it arrives.
+#[tokio::test]
+async fn a_fragmented_message_over_the_limit_closes_with_1009() {
+    let mut s = settings();
+    s.limits.max_frame_bytes = 4096;
+    let node = TestNode::start(s);
+    let mut a = Client::connect(&node, "alice").await;
+    // Masked (with a zero mask) frames of 3000 bytes: text without FIN, then a
+    // continuation without FIN.
+    let fragment = |opcode: u8| {
+        let mut f = vec![opcode, 0x80 | 126];
+        f.extend_from_slice(&3000u16.to_be_bytes());
+        f.extend_from_slice(&[0, 0, 0, 0]);
+        f.extend(std::iter::repeat_n(b'x', 3000));
+        f
+    };
+    a.write_raw(&fragment(0x01)).await.unwrap();
+    a.write_raw(&fragment(0x00)).await.unwrap();
+    let (code, _) = a.expect_close().await;
+    assert_eq!(code, Some(CloseCode::Size));
+    // a fragmented message under the limit is fine
+    let mut b = Client::connect(&node, "bob").await;
+    let text = json!({"type":"direct","to":"carol","body":"hi","client_id":"f"}).to_string();
+    let (head, tail) = text.as_bytes().split_at(10);
+    for (opcode, part) in [(0x01u8, head), (0x80, tail)] {
+        let mut f = vec![opcode, 0x80 | part.len() as u8, 0, 0, 0, 0];
+        f.extend_from_slice(part);
+        b.write_raw(&f).await.unwrap();
+    }
+    assert_eq!(b.recv_type("sent").await["client_id"], "f");
+}
+
 /// Syncs `conv` from `cursor` until `synced` lists nothing more; answers the seqs seen.
 async fn sync_all(c: &mut Client, conv: &str) -> std::collections::BTreeSet<u64> {
     let mut seen = std::collections::BTreeSet::new();
