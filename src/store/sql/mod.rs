@@ -73,6 +73,31 @@ pub type SqlResult<T> = Result<T, sqlx::Error>;
 pub(crate) const MESSAGE_COLUMNS: &str =
     "conv, seq, id, sender, body, ts, edit_of, delete_of, edited, deleted";
 
+/// A message from columns `at..at + 10` of a row (see [`MESSAGE_COLUMNS`]), on either
+/// database.
+pub(crate) fn message_at<'r, R>(row: &'r R, at: usize) -> SqlResult<Message>
+where
+    R: sqlx::Row,
+    usize: sqlx::ColumnIndex<R>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    bool: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok(MessageRow {
+        conv: row.try_get(at)?,
+        seq: row.try_get(at + 1)?,
+        id: row.try_get(at + 2)?,
+        sender: row.try_get(at + 3)?,
+        body: row.try_get(at + 4)?,
+        ts: row.try_get(at + 5)?,
+        edit_of: row.try_get(at + 6)?,
+        delete_of: row.try_get(at + 7)?,
+        edited: row.try_get(at + 8)?,
+        deleted: row.try_get(at + 9)?,
+    }
+    .into_message())
+}
+
 /// [`MESSAGE_COLUMNS`] of table alias `prefix` (`l.conv, l.seq, ...`).
 pub(crate) fn prefixed(prefix: &str) -> String {
     MESSAGE_COLUMNS

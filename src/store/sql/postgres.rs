@@ -13,12 +13,13 @@ use std::str::FromStr;
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::Row;
 
+use super::message_at;
 use super::{
-    dialect, pool_timeout, prefixed, role_from, AppendWrites, Conn, MessageRow, SqlResult,
-    SqlStore, MESSAGE_COLUMNS,
+    dialect, pool_timeout, prefixed, role_from, AppendWrites, Conn, SqlResult, SqlStore,
+    MESSAGE_COLUMNS,
 };
 use crate::protocol::{room_conv, Conv, Message};
 use crate::store::rules::{RoomView, Target, UserView};
@@ -61,23 +62,6 @@ impl SqlStore<PgDialect> {
             .connect_lazy_with(options);
         SqlStore::start(read, write, limits).await
     }
-}
-
-/// A message from columns `at..at + 10` of a row (see [`MESSAGE_COLUMNS`]).
-fn message_at(row: &PgRow, at: usize) -> SqlResult<Message> {
-    Ok(MessageRow {
-        conv: row.try_get(at)?,
-        seq: row.try_get(at + 1)?,
-        id: row.try_get(at + 2)?,
-        sender: row.try_get(at + 3)?,
-        body: row.try_get(at + 4)?,
-        ts: row.try_get(at + 5)?,
-        edit_of: row.try_get(at + 6)?,
-        delete_of: row.try_get(at + 7)?,
-        edited: row.try_get(at + 8)?,
-        deleted: row.try_get(at + 9)?,
-    }
-    .into_message())
 }
 
 /// [`MESSAGE_COLUMNS`] of table alias `m` (`m.conv, m.seq, ...`), built once.

@@ -16,9 +16,10 @@ use sqlx::sqlite::{
 };
 use sqlx::Row;
 
+use super::message_at;
 use super::{
-    dialect, map_err, pool_timeout, prefixed, role_from, AppendWrites, Conn, MessageRow, SqlResult,
-    SqlStore, MESSAGE_COLUMNS,
+    dialect, map_err, pool_timeout, prefixed, role_from, AppendWrites, Conn, SqlResult, SqlStore,
+    MESSAGE_COLUMNS,
 };
 use crate::protocol::{room_conv, Message};
 use crate::store::rules::{RoomView, Target, UserView};
@@ -71,23 +72,6 @@ impl SqlStore<SqliteDialect> {
 
 fn message(row: &SqliteRow) -> SqlResult<Message> {
     message_at(row, 0)
-}
-
-/// A message from columns `at..at + 10` of a row (see [`MESSAGE_COLUMNS`]).
-fn message_at(row: &SqliteRow, at: usize) -> SqlResult<Message> {
-    Ok(MessageRow {
-        conv: row.try_get(at)?,
-        seq: row.try_get(at + 1)?,
-        id: row.try_get(at + 2)?,
-        sender: row.try_get(at + 3)?,
-        body: row.try_get(at + 4)?,
-        ts: row.try_get(at + 5)?,
-        edit_of: row.try_get(at + 6)?,
-        delete_of: row.try_get(at + 7)?,
-        edited: row.try_get(at + 8)?,
-        deleted: row.try_get(at + 9)?,
-    }
-    .into_message())
 }
 
 /// The inbox in one statement: the page of conversations, then the last message and
