@@ -138,7 +138,16 @@ async fn a_whole_cluster_killed_after_sent_loses_nothing() {
 #[tokio::test]
 async fn flushall_mid_traffic_loses_nothing_and_live_delivery_resumes() {
     let env = ClusterEnv::start();
-    let (a, b, c) = (env.node("node-a"), env.node("node-b"), env.node("node-c"));
+    // The sender sends 400 frames as fast as they are answered: past the default rate
+    // limit (a burst of 200, then 100/s) when the store answers quickly.
+    let mut fast = env.settings("node-a");
+    fast.limits.rate_per_sec = 1e6;
+    fast.limits.rate_burst = 1e6;
+    let (a, b, c) = (
+        TestNode::start(fast),
+        env.node("node-b"),
+        env.node("node-c"),
+    );
     let mut sender = Client::connect(&a, "sender").await;
     sender.join("feed").await;
     let mut readers = Vec::new();

@@ -499,15 +499,30 @@ impl Client {
     pub async fn direct(&mut self, to: &str, body: &str, client_id: &str) -> Value {
         self.send(json!({"type":"direct","to":to,"body":body,"client_id":client_id}))
             .await;
-        let sent = self.recv_type("sent").await;
-        assert_eq!(sent["client_id"], client_id, "{sent}");
-        sent
+        self.sent(client_id).await
     }
 
     pub async fn room(&mut self, room: &str, body: &str, client_id: &str) -> Value {
         self.send(json!({"type":"room","room":room,"body":body,"client_id":client_id}))
             .await;
-        self.recv_type("sent").await
+        self.sent(client_id).await
+    }
+
+    /// The `sent` of `client_id`, skipping other frames (and other `sent`s); an error
+    /// answering it fails the test with the error (not with a timeout).
+    async fn sent(&mut self, client_id: &str) -> Value {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let f = self.recv().await;
+            match f["type"].as_str() {
+                Some("sent") if f["client_id"] == client_id => return f,
+                Some("error") if f["client_id"] == client_id => {
+                    panic!("{}: {client_id} refused: {f}", self.uid)
+                }
+                _ => {}
+            }
+            assert!(Instant::now() < deadline, "{}: no sent frame", self.uid);
+        }
     }
 
     pub async fn join(&mut self, room: &str) {
