@@ -403,7 +403,10 @@ mod tests {
             .spawn()
             .unwrap();
         assert!(descendants(me).contains(&child.id()));
-        assert!(cpu_ticks(Some(me)).unwrap() >= cpu_ticks(None).unwrap());
+        // Own ticks first: both only grow, so the later reading with the child is at
+        // least as large (the other way round, another test thread could tick between).
+        let own = cpu_ticks(None).unwrap();
+        assert!(cpu_ticks(Some(me)).unwrap() >= own);
         child.kill().unwrap();
         child.wait().unwrap();
         assert!(!descendants(me).contains(&child.id()));
