@@ -208,14 +208,31 @@ async fn section_7_across_two_cluster_nodes() {
     section_7_rules(&a, &b).await;
 }
 
-#[tokio::test]
-async fn creation_by_api_only_and_the_rooms_per_user_bound() {
-    let mut s = settings();
+/// `--room-creation api` and `--rooms-per-user 2`.
+fn api_only(mut s: chatmesh::config::Settings) -> chatmesh::config::Settings {
     s.store.room_creation = chatmesh::store::RoomCreation::Api;
     s.store.rooms_per_user = 2;
     s.api_key = Some("k".into());
-    let node = TestNode::start(s);
-    let mut alice = Client::connect(&node, "alice").await;
+    s
+}
+
+#[tokio::test]
+async fn creation_by_api_only_and_the_rooms_per_user_bound() {
+    let node = TestNode::start(api_only(settings()));
+    api_creation_rules(&node, &node).await;
+}
+
+#[tokio::test]
+async fn creation_by_api_only_and_the_rooms_per_user_bound_across_two_nodes() {
+    let env = ClusterEnv::start();
+    let a = TestNode::start(api_only(env.settings("node-a")));
+    let b = TestNode::start(api_only(env.settings("node-b")));
+    api_creation_rules(&a, &b).await;
+}
+
+/// Alice's websocket is on `a`, the server API calls go to `b`.
+async fn api_creation_rules(a: &TestNode, b: &TestNode) {
+    let mut alice = Client::connect(a, "alice").await;
     let e = ask(
         &mut alice,
         json!({"type":"join","room":"new"}),
@@ -234,7 +251,7 @@ async fn creation_by_api_only_and_the_rooms_per_user_bound() {
     for room in ["r1", "r2", "r3"] {
         let r = http(
             "POST",
-            &format!("{}/api/rooms", node.base),
+            &format!("{}/api/rooms", b.base),
             &auth,
             Some(&json!({"room":room}).to_string()),
         )
@@ -254,7 +271,7 @@ async fn creation_by_api_only_and_the_rooms_per_user_bound() {
     assert_eq!(code(&e), "limit", "{e}");
     let r = http(
         "PUT",
-        &format!("{}/api/rooms/r3/members/alice", node.base),
+        &format!("{}/api/rooms/r3/members/alice", b.base),
         &auth,
         Some("{}"),
     )
