@@ -564,55 +564,46 @@ impl WsSession {
                 seq,
                 body,
                 client_id,
-            } => {
-                let cid = client_id.clone();
-                self.run(
-                    ctx,
-                    async move {
-                        chat.change(ChangeRequest {
-                            by: By::User(uid.clone()),
-                            from: uid,
-                            conv,
-                            change: Change::Edit(seq),
-                            body: Some(body),
-                            client_id: Some(client_id),
-                            origin: Some(sid),
-                        })
-                        .await
-                    },
-                    move |act, r| match r {
-                        Ok(sent) => act.write(ServerFrame::Sent(&sent)),
-                        Err(e) => act.chat_error(&e, Some(&cid)),
-                    },
-                )
-            }
+            } => self.change(ctx, conv, Change::Edit(seq), Some(body), client_id),
             ClientFrame::Delete {
                 conv,
                 seq,
                 client_id,
-            } => {
-                let cid = client_id.clone();
-                self.run(
-                    ctx,
-                    async move {
-                        chat.change(ChangeRequest {
-                            by: By::User(uid.clone()),
-                            from: uid,
-                            conv,
-                            change: Change::Delete(seq),
-                            body: None,
-                            client_id: Some(client_id),
-                            origin: Some(sid),
-                        })
-                        .await
-                    },
-                    move |act, r| match r {
-                        Ok(sent) => act.write(ServerFrame::Sent(&sent)),
-                        Err(e) => act.chat_error(&e, Some(&cid)),
-                    },
-                )
-            }
+            } => self.change(ctx, conv, Change::Delete(seq), None, client_id),
         }
+    }
+
+    /// An `edit` or `delete` of one of the user's messages (or, for a room owner, of
+    /// any message of the room).
+    fn change(
+        &mut self,
+        ctx: &mut Context<Self>,
+        conv: String,
+        change: Change,
+        body: Option<String>,
+        client_id: String,
+    ) {
+        let (chat, uid, sid) = (self.chat.clone(), self.uid.clone(), self.sid);
+        let cid = client_id.clone();
+        self.run(
+            ctx,
+            async move {
+                chat.change(ChangeRequest {
+                    by: By::User(uid.clone()),
+                    from: uid,
+                    conv,
+                    change,
+                    body,
+                    client_id: Some(client_id),
+                    origin: Some(sid),
+                })
+                .await
+            },
+            move |act, r| match r {
+                Ok(sent) => act.write(ServerFrame::Sent(&sent)),
+                Err(e) => act.chat_error(&e, Some(&cid)),
+            },
+        )
     }
 
     fn send(&mut self, target: Target, body: String, client_id: String, ctx: &mut Context<Self>) {
