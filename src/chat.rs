@@ -168,6 +168,9 @@ pub struct Chat {
     pub timeout: Duration,
     delivery: Delivery,
     next_sid: AtomicU64,
+    /// Membership changes are applied here one at a time, each as the store has it when
+    /// its turn comes (see [`Chat::apply_membership`]).
+    membership_order: tokio::sync::Mutex<()>,
 }
 
 impl Chat {
@@ -193,6 +196,7 @@ impl Chat {
             limits,
             timeout,
             next_sid: AtomicU64::new(1),
+            membership_order: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -331,38 +335,43 @@ impl Chat {
     }
 
     /// `join`: member of a public room, or owner of a new one (contract section 7).
+    /// Also answers whether the user is still a member when the join is applied here
+    /// (false: removed in between, and `origin` is owed a `left` after its `joined`).
     pub async fn join(
         &self,
         uid: &str,
         room: &str,
         origin: Option<SessionId>,
-    ) -> Result<Joined, ChatError> {
+    ) -> Result<(Joined, bool), ChatError> {
         Self::check_room(room)?;
         let joined = self.call(self.store.join(uid, room)).await?;
-        self.follow(uid, room, true, Some(joined.members), None, origin)
+        let holds = self
+            .follow(uid, room, true, Some(joined.members), None, origin)
             .await?;
-        Ok(joined)
+        Ok((joined, holds))
     }
 
-    /// `leave`.
+    /// `leave`. Answers whether the user is still out when the change is applied here
+    /// (false: added again in between, and `origin` is owed a `joined` after its `left`).
     pub async fn leave(
         &self,
         uid: &str,
         room: &str,
         origin: Option<SessionId>,
-    ) -> Result<(), ChatError> {
+    ) -> Result<bool, ChatError> {
         Self::check_room(room)?;
         self.call(self.store.leave(uid, room)).await?;
         self.follow(uid, room, false, None, None, origin).await
     }
 
-    /// `create` (a user: they own it) or `POST /api/rooms` (the server).
+    /// `create` (a user: they own it) or `POST /api/rooms` (the server). Also answers
+    /// whether the creating user was still a member when it was applied here.
     pub async fn create(
         &self,
         by: &By,
         room: NewRoom,
         origin: Option<SessionId>,
-    ) -> Result<RoomInfo, ChatError> {
+    ) -> Result<(RoomInfo, bool), ChatError> {
         Self::check_room(&room.room)?;
         if let Some(bad) = room
             .owners
@@ -376,13 +385,19 @@ impl Chat {
             )));
         }
         let info = self.call(self.store.create_room(by, room)).await?;
+        let mut creator_holds = true;
         for uid in &info.members {
             let by_user = by.user().filter(|u| *u != uid.as_str());
-            let origin = if by.user() == Some(uid) { origin } else { None };
-            self.follow(uid, &info.room, true, Some(info.count), by_user, origin)
+            let creator = by.user() == Some(uid);
+            let origin = if creator { origin } else { None };
+            let holds = self
+                .follow(uid, &info.room, true, Some(info.count), by_user, origin)
                 .await?;
+            creator_holds &= holds || !creator;
         }
-        Ok(info)
+        let mut info = info;
+        info.members.truncate(ROOM_INFO_MEMBERS);
+        Ok((info, creator_holds))
     }
 
     /// `add` (owners) or `PUT /api/rooms/R/members/U` (the server).
@@ -396,6 +411,7 @@ impl Chat {
             .await?;
         self.follow(uid, room, true, Some(added.members), by.user(), None)
             .await
+            .map(drop)
     }
 
     /// `remove` (owners) or `DELETE /api/rooms/R/members/U` (the server). The removal
@@ -410,6 +426,7 @@ impl Chat {
             .await?;
         self.follow(uid, room, false, Some(removed.members), by.user(), None)
             .await
+            .map(drop)
     }
 
     /// `room_info`.
@@ -423,7 +440,9 @@ impl Chat {
     /// Makes every node's sessions of `uid` follow a membership the store holds: this
     /// node's first (and its directory entry, before the caller answers, so every room
     /// message stored afterwards is routed here), then the other nodes holding the
-    /// user's connections.
+    /// user's connections. Answers whether the change still held when it was applied
+    /// here (false: a later change of the same membership overtook it, and the caller
+    /// owes its connection the correction after its own answer).
     async fn follow(
         &self,
         uid: &str,
@@ -432,7 +451,7 @@ impl Chat {
         members: Option<u64>,
         by: Option<&str>,
         origin: Option<SessionId>,
-    ) -> Result<(), ChatError> {
+    ) -> Result<bool, ChatError> {
         let change = Membership {
             uid: uid.to_owned(),
             room: room.to_owned(),
@@ -441,11 +460,47 @@ impl Chat {
             by: by.map(str::to_owned),
             origin,
         };
-        let recorded = self
-            .server
-            .send(change.clone())
-            .await
-            .map_err(|e| ChatError::Unavailable(e.to_string()))?;
+        let holds = self.apply_membership(change.clone()).await?;
+        if let Some(cluster) = &self.cluster {
+            cluster.membership(change).await;
+        }
+        Ok(holds)
+    }
+
+    /// Applies a membership change to this node's sessions and directory entry, from
+    /// this node or from a peer, and waits until the directory recorded it.
+    ///
+    /// Changes of one membership can reach a node in another order than the store made
+    /// them (a join forwarded by one node, a removal by another). So each is applied as
+    /// the store has it when its turn comes, one at a time: whatever order the events
+    /// come in, the last one applied shows the store's latest word, and a stale join
+    /// can never undo a removal here. When the store cannot say in time, the change is
+    /// applied as announced. Answers whether the store still agreed with it.
+    pub async fn apply_membership(&self, mut change: Membership) -> Result<bool, ChatError> {
+        let claimed = change.joined;
+        let recorded = {
+            let _turn = self.membership_order.lock().await;
+            match self.call(self.store.role(&change.uid, &change.room)).await {
+                Ok(role) => change.joined = role.is_some(),
+                Err(e) => log::warn!(
+                    "cannot read the membership of {} in {} ({e}); applying the change as announced",
+                    change.uid,
+                    change.room
+                ),
+            }
+            if change.joined != claimed {
+                log::debug!(
+                    "membership of {} in {} changed again before it was applied here",
+                    change.uid,
+                    change.room
+                );
+                change.by = None;
+            }
+            self.server
+                .send(change.clone())
+                .await
+                .map_err(|e| ChatError::Unavailable(e.to_string()))?
+        };
         if let Some(recorded) = recorded {
             if !matches!(
                 tokio::time::timeout(self.timeout, recorded).await,
@@ -456,10 +511,7 @@ impl Chat {
                 ));
             }
         }
-        if let Some(cluster) = &self.cluster {
-            cluster.membership(change).await;
-        }
-        Ok(())
+        Ok(change.joined == claimed)
     }
 
     /// The rooms of `uid` with their sizes.

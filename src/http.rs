@@ -779,7 +779,7 @@ async fn api_create_room(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let b: ApiRoom = required_json_body(&req, payload).await?;
-    let info = state
+    let (info, _) = state
         .chat
         .create(
             &By::Server,

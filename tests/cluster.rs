@@ -41,9 +41,10 @@ async fn cross_node_direct_and_multi_device_cost_one_peer_message_per_node() {
         assert_eq!(m["id"], sent["id"]);
     }
     assert!(alice.drain().await.is_empty(), "no echo");
-    // one message to node-b, which holds three recipients; nothing to node-c
+    // one message to node-b, which holds three recipients; nothing to node-c (the
+    // number of posts is not asserted: alice's and bob's presence go to the peers too,
+    // in the same post as the message or in one of their own, as timing has it)
     assert_eq!(a.metric("chatmesh_peer_messages_total"), 1.0);
-    assert_eq!(a.metric("chatmesh_peer_posts_total"), 1.0);
     assert_eq!(c.metric("chatmesh_peer_received_total"), 0.0);
     assert_eq!(b.metric("chatmesh_peer_received_total"), 1.0);
 

@@ -6,8 +6,6 @@
 //! ChatServer took everything (its mailbox is bounded), so a node that falls behind
 //! slows its peers' queues instead of growing its own.
 
-use std::time::Duration;
-
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
@@ -88,28 +86,22 @@ async fn deliver(
         batch.from
     );
     for m in batch.membership {
-        let recorded = server
-            .send(Membership {
-                uid: m.uid,
-                room: m.room,
-                joined: m.joined,
-                members: m.members,
-                by: m.by,
-                origin: None,
-            })
-            .await
-            .map_err(|_| stopped())?;
-        if let Some(recorded) = recorded {
-            // The sender waits for this answer before it confirms the change, so the
-            // directory must route (or stop routing) the room here first.
-            let wait = chat.timeout.min(Duration::from_secs(5));
-            if !matches!(tokio::time::timeout(wait, recorded).await, Ok(Ok(true))) {
-                return Err(ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "unavailable",
-                    "the directory did not record a membership change",
-                ));
-            }
+        // The sender waits for this answer before it confirms the change, so the
+        // directory must route (or stop routing) the room here first.
+        let change = Membership {
+            uid: m.uid,
+            room: m.room,
+            joined: m.joined,
+            members: m.members,
+            by: m.by,
+            origin: None,
+        };
+        if let Err(e) = chat.apply_membership(change).await {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                &format!("a membership change was not applied: {e}"),
+            ));
         }
     }
     if n > 0 {

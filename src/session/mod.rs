@@ -136,6 +136,25 @@ impl WsSession {
         self.outbox.control(frame.to_text());
     }
 
+    /// After answering its own `join`/`create` (or `leave`): when another change of the
+    /// membership overtook it before it was applied (`holds` false), the connection is
+    /// told where it really stands, as the user's other connections were.
+    fn overtaken(&self, room: &str, holds: bool, left: bool) {
+        if holds {
+            return;
+        }
+        self.write(if left {
+            ServerFrame::Joined {
+                room,
+                role: None,
+                private: None,
+                by: None,
+            }
+        } else {
+            ServerFrame::Left { room, by: None }
+        });
+    }
+
     fn error(&self, code: ErrorCode, message: &str, client_id: Option<&str>) {
         log::debug!(
             "session {} ({}): {} {}",
@@ -331,12 +350,15 @@ impl WsSession {
                     (r, room)
                 },
                 |act, (r, room)| match r {
-                    Ok(j) => act.write(ServerFrame::Joined {
-                        room: &room,
-                        role: j.created.then_some(j.role.as_str()),
-                        private: j.created.then_some(j.private),
-                        by: None,
-                    }),
+                    Ok((j, holds)) => {
+                        act.write(ServerFrame::Joined {
+                            room: &room,
+                            role: j.created.then_some(j.role.as_str()),
+                            private: j.created.then_some(j.private),
+                            by: None,
+                        });
+                        act.overtaken(&room, holds, false);
+                    }
                     Err(e) => act.chat_error(&e, None),
                 },
             ),
@@ -347,10 +369,13 @@ impl WsSession {
                     (r, room)
                 },
                 |act, (r, room)| match r {
-                    Ok(()) => act.write(ServerFrame::Left {
-                        room: &room,
-                        by: None,
-                    }),
+                    Ok(holds) => {
+                        act.write(ServerFrame::Left {
+                            room: &room,
+                            by: None,
+                        });
+                        act.overtaken(&room, holds, true);
+                    }
                     Err(e) => act.chat_error(&e, None),
                 },
             ),
@@ -366,12 +391,15 @@ impl WsSession {
                     chat.create(&By::User(uid), new, Some(sid)).await
                 },
                 |act, r| match r {
-                    Ok(info) => act.write(ServerFrame::Joined {
-                        room: &info.room,
-                        role: Some(Role::Owner.as_str()),
-                        private: Some(info.private),
-                        by: None,
-                    }),
+                    Ok((info, holds)) => {
+                        act.write(ServerFrame::Joined {
+                            room: &info.room,
+                            role: Some(Role::Owner.as_str()),
+                            private: Some(info.private),
+                            by: None,
+                        });
+                        act.overtaken(&info.room, holds, false);
+                    }
                     Err(e) => act.chat_error(&e, None),
                 },
             ),
