@@ -119,12 +119,7 @@ async fn section_7_rules(alice_node: &TestNode, bob_node: &TestNode) {
         bob.recv_type_of(&["left", "message"]).await,
         json!({"type":"left","room":"team","by":"alice"})
     );
-    let later: Vec<Value> = bob
-        .drain()
-        .await
-        .into_iter()
-        .filter(|f| f["type"] == "message")
-        .collect();
+    let later = bob.drain_messages().await;
     assert!(later.is_empty(), "a removed member got {later:?}");
     for frame in [
         json!({"type":"room","room":"team","body":"x","client_id":"b1"}),
@@ -337,12 +332,7 @@ async fn a_ban_racing_a_join_on_another_node_never_lets_the_user_in() {
         join_won >= 3 && ban_won >= 3,
         "both orders should happen: the join won {join_won} and the ban {ban_won} of {round} rounds"
     );
-    let leaked: Vec<Value> = eve
-        .drain()
-        .await
-        .into_iter()
-        .filter(|f| f["type"] == "message")
-        .collect();
+    let leaked = eve.drain_messages().await;
     assert!(leaked.is_empty(), "eve got {leaked:?}");
 }
 
@@ -410,12 +400,7 @@ async fn a_removal_stops_live_delivery_on_every_node_before_it_is_answered() {
         for c in [&mut carol_a, &mut carol_b] {
             let l = c.recv_type_of(&["left", "message"]).await;
             assert_eq!(l, json!({"type":"left","room":"crew","by":"alice"}));
-            let leaked: Vec<Value> = c
-                .drain()
-                .await
-                .into_iter()
-                .filter(|f| f["type"] == "message")
-                .collect();
+            let leaked = c.drain_messages().await;
             assert!(leaked.is_empty(), "round {round}: carol got {leaked:?}");
         }
     }
@@ -662,12 +647,7 @@ async fn room_routes(node: &TestNode, api: &TestNode) {
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.body);
-    let leaked: Vec<Value> = carol
-        .drain()
-        .await
-        .into_iter()
-        .filter(|f| f["type"] == "message")
-        .collect();
+    let leaked = carol.drain_messages().await;
     assert!(leaked.is_empty(), "a banned member got {leaked:?}");
     let r = call("GET", "/api/users/carol/rooms".into(), None).await;
     assert_eq!(r.json(), json!({"rooms":[]}));

@@ -570,6 +570,13 @@ impl Client {
         }
     }
 
+    /// The `message` frames among what [`Client::drain`] finds.
+    pub async fn drain_messages(&mut self) -> Vec<Value> {
+        let mut frames = self.drain().await;
+        frames.retain(|f| f["type"] == "message");
+        frames
+    }
+
     /// Proves nothing else is queued for this connection: two presence round trips, and
     /// every frame before the second answer is returned.
     pub async fn drain(&mut self) -> Vec<Value> {
