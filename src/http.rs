@@ -173,7 +173,7 @@ fn method_not_allowed(allow: &str) -> HttpResponse {
 /// Internal listener: the peer API only.
 pub fn internal_routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/healthz", web::get().to(healthz));
-    crate::cluster::peer_routes(cfg);
+    crate::peer_api::peer_routes(cfg);
 }
 
 /// A JSON error `{"error": code, "message": ...}` with a status.

@@ -8,8 +8,9 @@
 //!   node's core is built on the first worker, beside the sockets it serves.
 //! - [`config`]: settings, layered flag > environment > file > default.
 //! - [`http`]: the route tables of the public and the internal listener; [`pages`]: the
-//!   server-rendered pages; [`auth`]: development ids and JWTs; [`socket`]: the public
-//!   listener's connections, which a session can drop.
+//!   server-rendered pages; [`peer_api`]: the internal listener's `POST /internal/deliver`;
+//!   [`auth`]: development ids and JWTs; [`socket`]: the public listener's connections,
+//!   which a session can drop.
 //! - [`session`]: one actor per websocket, and its wire format ([`session::wire`]);
 //!   [`outbox`]: each connection's bounded outbound queue; [`server`]: the ChatServer
 //!   actor that knows the local sessions and rooms; [`registry`]: the plain routing table
@@ -29,6 +30,7 @@ pub mod keys;
 pub mod metrics;
 pub mod outbox;
 pub mod pages;
+pub mod peer_api;
 pub mod protocol;
 pub mod ratelimit;
 pub mod registry;

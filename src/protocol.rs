@@ -380,6 +380,18 @@ pub struct Sent {
     pub ts: u64,
 }
 
+/// `room_info`: the room, its owners and (up to a bound) its members.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RoomInfo {
+    pub room: String,
+    pub private: bool,
+    pub owners: Vec<String>,
+    /// Sorted; at most the bound the caller asked for.
+    pub members: Vec<String>,
+    /// Exact number of members.
+    pub count: u64,
+}
+
 /// A frame from the server.
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -416,7 +428,7 @@ pub enum ServerFrame<'a> {
         uid: &'a str,
         ban: bool,
     },
-    RoomInfo(&'a crate::store::RoomInfo),
+    RoomInfo(&'a RoomInfo),
     Synced {
         more: &'a [String],
     },

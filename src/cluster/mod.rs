@@ -10,13 +10,13 @@
 //! - [`upkeep`]: this node's directory entries, written in order from its ChatServer.
 //! - [`delivery`] and [`queue`]: a bounded, batching queue per peer.
 //! - [`bridge`]: the ClusterBridge actor that drives liveness and delivery.
-//! - [`peer`]: the receiving end, `POST /internal/deliver`.
+//!
+//! The receiving end, `POST /internal/deliver`, is [`crate::peer_api`].
 
 pub mod bridge;
 pub mod delivery;
 pub mod directory;
 pub mod liveness;
-pub mod peer;
 pub mod queue;
 pub mod upkeep;
 
@@ -37,8 +37,6 @@ use crate::metrics::Metrics;
 use crate::protocol::Message as ChatMessage;
 use crate::server::{AttachCluster, ChatServer, Membership, PeerEvent};
 use crate::store::{SharedStore, StoreError};
-
-pub use self::peer::peer_routes;
 
 /// How long shutdown waits for directory writes and in-flight peer deliveries.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);

@@ -26,6 +26,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::protocol::Message;
+pub use crate::protocol::RoomInfo;
 
 /// Why a store call failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -179,18 +180,6 @@ pub struct NewRoom {
     pub private: bool,
     pub owners: Vec<String>,
     pub members: Vec<String>,
-}
-
-/// `room_info`: the room, its owners and (up to a bound) its members.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct RoomInfo {
-    pub room: String,
-    pub private: bool,
-    pub owners: Vec<String>,
-    /// Sorted; at most the bound the caller asked for.
-    pub members: Vec<String>,
-    /// Exact number of members.
-    pub count: u64,
 }
 
 /// What `add` did.

@@ -1,4 +1,7 @@
-//! The peer API on the internal listener: `POST /internal/deliver`.
+//! The peer API on the internal listener: `POST /internal/deliver`, the receiving end
+//! of [`crate::cluster`]'s peer queues. It lives beside the route table, not in
+//! `cluster`, because it applies batches through [`crate::chat::Chat`], which itself
+//! uses the cluster: so the layers stay one-way (cluster below chat below http).
 //!
 //! A batch is applied in order: membership changes first (a message to a room just
 //! joined elsewhere may be in the same batch), then the messages, then presence, then
@@ -10,7 +13,7 @@ use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 
-use super::queue::{MembershipEvent, PresenceEvent};
+use crate::cluster::queue::{MembershipEvent, PresenceEvent};
 use crate::http::{bearer_ok, ApiError, AppState};
 use crate::protocol::Message;
 use crate::server::{ConvEvent, FanoutBatch, Membership, PeerEvent, Presence, Resync, ResyncScope};
