@@ -701,6 +701,9 @@ async function messenger(root) {
     ui.refusal.hidden = false;
     ui.empty.hidden = true;
     ui.older.hidden = true;
+    // Not a member: there is no member list to show.
+    ui.membersToggle.hidden = true;
+    togglePanel(false);
     renderComposerState();
   }
 
@@ -709,6 +712,7 @@ async function messenger(root) {
     c.ready = true;
     c.refused = false;
     ui.refusal.hidden = true;
+    ui.membersToggle.hidden = c.kind !== 'room';
     renderComposerState();
     for (const m of client.messages(c.conv)) showMessage(m);
     for (const e of client.pending(c.conv)) showPending(e);
