@@ -412,7 +412,10 @@ async function messenger(root) {
     const m = item.last;
     if (!m) return item.room ? 'No messages yet' : '';
     const who = m.from === uid ? 'You: ' : item.room ? m.from + ': ' : '';
-    if (m.delete != null || m.deleted) return who + 'message deleted';
+    // A delete names an older message: say who deleted one (not "message deleted", as
+    // if the conversation's newest message were gone).
+    if (m.delete != null) return (m.from === uid ? 'You' : m.from) + ' deleted a message';
+    if (m.deleted) return who + 'message deleted';
     if (m.edit != null) return who + (m.body != null ? m.body : 'message edited');
     return who + (m.body || '');
   }

@@ -622,6 +622,12 @@ async fn two_users_in_the_messenger(alice_node: &TestNode, bob_node: &TestNode, 
         )
         .await;
     }
+    // The inbox says who deleted a message (the newest event of the conversation).
+    a.wait_for(
+        &format!("{bob_dm}.querySelector('.conv-preview').textContent === 'bob deleted a message'"),
+        T,
+    )
+    .await;
     assert_eq!(
         a.eval(BODIES).await,
         json!([
