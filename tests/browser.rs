@@ -1166,6 +1166,21 @@ fn jwt_mode_pages() {
         a.wait_for(&format!("{} !== undefined", msg("hi from a token")), T)
             .await;
 
+        // The start page creates a private room with a token too (kept out of the URL).
+        let r = open(&browser, &format!("{base}/")).await;
+        r.type_text("#start-token", &bob).await;
+        r.type_text("#start-room", "jwt-team").await;
+        r.click("button[data-kind=create]").await;
+        r.wait_for(
+            "location.pathname === '/chat' && window.chatmesh?.conv === 'room:jwt-team' \
+             && document.getElementById('room-meta').textContent === 'Private room · 1 member' \
+             && !document.getElementById('add-member').hidden",
+            T,
+        )
+        .await;
+        assert_eq!(r.eval("location.search").await, "?room=jwt-team");
+        r.close().await;
+
         // Refused tokens: the reason the server gives.
         let refused = open(&browser, &format!("{base}/chat?token={expired}&to=bob")).await;
         refused
