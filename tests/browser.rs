@@ -659,6 +659,7 @@ async fn two_users_in_the_messenger(alice_node: &TestNode, bob_node: &TestNode, 
     )
     .await;
     let took = closed.elapsed();
+    eprintln!("{prefix}presence: offline on alice's page {took:?} after bob's page closed");
     assert!(took < Duration::from_secs(1), "took {took:?}");
     assert_eq!(
         a.eval(&format!("{bob_dm}.querySelector('.dot').dataset.online"))

@@ -486,6 +486,7 @@ async fn typing_rate_holds_when_typing_on_two_nodes_at_once() {
             }
         }
         let took = start.elapsed();
+        eprintln!("alice on {name}: {typing} typing event(s), burst and markers in {took:?}");
         assert!(
             took < Duration::from_secs(1),
             "the burst and its forwarding took {took:?}: not within one second"
