@@ -265,9 +265,28 @@ async fn index(state: web::Data<AppState>, q: Query) -> HttpResponse {
     html(StatusCode::OK, page.render())
 }
 
+/// What a messenger URL asks for.
+#[derive(Default)]
+struct ChatWanted<'a> {
+    uid: &'a str,
+    to: &'a str,
+    room: &'a str,
+    /// `private` or `public`: create `room` (with this user as its owner) first.
+    create: &'a str,
+    /// No conversation open.
+    inbox: bool,
+}
+
 /// The messenger page, with the conversation of `to` or `room` open (or none, when
 /// `inbox`). In JWT mode `uid` may be empty: the page takes its identity from its token.
-fn render_chat(state: &AppState, uid: &str, to: &str, room: &str, inbox: bool) -> HttpResponse {
+fn render_chat(state: &AppState, wanted: ChatWanted) -> HttpResponse {
+    let ChatWanted {
+        uid,
+        to,
+        room,
+        create,
+        inbox,
+    } = wanted;
     let bad = |message: String| {
         html(
             StatusCode::BAD_REQUEST,
@@ -299,6 +318,11 @@ fn render_chat(state: &AppState, uid: &str, to: &str, room: &str, inbox: bool) -
         (true, false) => room_conv(room),
         _ => return bad("Choose either a person (to) or a room, not both or neither.".into()),
     };
+    if !create.is_empty() && (room.is_empty() || !matches!(create, "private" | "public")) {
+        return bad(
+            "To create a room, give its name (room) and create=private or create=public.".into(),
+        );
+    }
     html(
         StatusCode::OK,
         ChatPage {
@@ -308,29 +332,51 @@ fn render_chat(state: &AppState, uid: &str, to: &str, room: &str, inbox: bool) -
             to,
             room,
             conv: &conv,
+            create,
         }
         .render(),
     )
 }
 
 async fn chat_page(state: web::Data<AppState>, q: Query) -> HttpResponse {
-    let (uid, to, room) = (param(&q, "uid"), param(&q, "to"), param(&q, "room"));
-    render_chat(&state, uid, to, room, false)
+    let wanted = ChatWanted {
+        uid: param(&q, "uid"),
+        to: param(&q, "to"),
+        room: param(&q, "room"),
+        create: param(&q, "create"),
+        inbox: false,
+    };
+    render_chat(&state, wanted)
 }
 
 /// `GET /inbox?uid=U`: the messenger with no conversation open.
 async fn inbox_page(state: web::Data<AppState>, q: Query) -> HttpResponse {
-    render_chat(&state, param(&q, "uid"), "", "", true)
+    let wanted = ChatWanted {
+        uid: param(&q, "uid"),
+        inbox: true,
+        ..ChatWanted::default()
+    };
+    render_chat(&state, wanted)
 }
 
 /// The URL of the system chatmesh replaces: `/home/index?uid=U&to_uid=V`.
 async fn old_dm_page(state: web::Data<AppState>, q: Query) -> HttpResponse {
-    render_chat(&state, param(&q, "uid"), param(&q, "to_uid"), "", false)
+    let wanted = ChatWanted {
+        uid: param(&q, "uid"),
+        to: param(&q, "to_uid"),
+        ..ChatWanted::default()
+    };
+    render_chat(&state, wanted)
 }
 
 /// The URL of the system chatmesh replaces: `/home/room?uid=U&groups_id=R`.
 async fn old_room_page(state: web::Data<AppState>, q: Query) -> HttpResponse {
-    render_chat(&state, param(&q, "uid"), "", param(&q, "groups_id"), false)
+    let wanted = ChatWanted {
+        uid: param(&q, "uid"),
+        room: param(&q, "groups_id"),
+        ..ChatWanted::default()
+    };
+    render_chat(&state, wanted)
 }
 
 /// Unknown routes: a page for browsers, JSON under `/api` (and for other methods).

@@ -3,7 +3,7 @@
 
 use askama::Template;
 
-/// `GET /`: choose your id and a person or room.
+/// `GET /`: choose your id and a person or room, or create a private room.
 #[derive(Template)]
 #[template(path = "index.html")]
 pub struct IndexPage<'a> {
@@ -31,6 +31,9 @@ pub struct ChatPage<'a> {
     /// The conversation id the page opens (`dm:A:B` or `room:R`), or empty (the inbox
     /// only, or a DM whose uid the page learns from its token).
     pub conv: &'a str,
+    /// `private` or `public` when the page creates `room` first (the start page's
+    /// "Create private room"), else empty.
+    pub create: &'a str,
 }
 
 /// Static files, compiled into the binary so it runs from any directory.

@@ -19,6 +19,7 @@ use tokio::sync::oneshot;
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, Pushed};
 use crate::protocol::{Conv, Message as ChatMessage, ServerFrame, MAX_PRESENCE_UIDS};
+use crate::ratelimit::TypingGate;
 use crate::registry::{Registry, SessionId};
 use crate::store::UserRoom;
 
@@ -125,7 +126,8 @@ pub struct ConvEvent {
     pub skip_sender: bool,
     /// The connection it came from; None when it came from a peer.
     pub origin: Option<SessionId>,
-    /// At most one a second per user and conversation; others are dropped.
+    /// At most one a second per user and conversation; others are dropped (also when
+    /// it came from a peer: the user may be typing on two nodes at once).
     pub typing: bool,
 }
 
@@ -137,6 +139,9 @@ pub struct PeerEvent {
     pub from: String,
     #[serde(default)]
     pub skip_sender: bool,
+    /// A typing event: the receiving node applies the typing rate too.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub typing: bool,
 }
 
 impl ConvEvent {
@@ -146,6 +151,7 @@ impl ConvEvent {
             frame: self.frame.to_string(),
             from: self.from.clone(),
             skip_sender: self.skip_sender,
+            typing: self.typing,
         }
     }
 }
@@ -158,7 +164,7 @@ impl From<PeerEvent> for ConvEvent {
             from: e.from,
             skip_sender: e.skip_sender,
             origin: None,
-            typing: false,
+            typing: e.typing,
         }
     }
 }
@@ -227,8 +233,9 @@ pub struct ChatServer {
     /// Presence subscriptions: connection -> users, and user -> connections.
     subscriptions: HashMap<SessionId, HashSet<String>>,
     subscribers: HashMap<String, HashSet<SessionId>>,
-    /// When each (user, conversation) last had a typing event forwarded.
-    typing: HashMap<(String, String), Instant>,
+    /// One typing event a second per user and conversation, whether it came from a
+    /// connection here or from a peer.
+    typing: TypingGate,
     closing: bool,
 }
 
@@ -245,7 +252,7 @@ impl ChatServer {
             live_room_size,
             subscriptions: HashMap::new(),
             subscribers: HashMap::new(),
-            typing: HashMap::new(),
+            typing: TypingGate::new(TYPING_EVERY),
             closing: false,
         }
     }
@@ -275,23 +282,6 @@ impl ChatServer {
                 if sids.is_empty() {
                     self.subscribers.remove(&uid);
                 }
-            }
-        }
-    }
-
-    /// The typing rate: true when this one may go.
-    fn typing_allowed(&mut self, uid: &str, conv: &str) -> bool {
-        let now = Instant::now();
-        if self.typing.len() > 10_000 {
-            self.typing
-                .retain(|_, at| now.duration_since(*at) < TYPING_EVERY);
-        }
-        let key = (uid.to_owned(), conv.to_owned());
-        match self.typing.get(&key) {
-            Some(at) if now.duration_since(*at) < TYPING_EVERY => false,
-            _ => {
-                self.typing.insert(key, now);
-                true
             }
         }
     }
@@ -536,7 +526,7 @@ impl Handler<ConvEvent> for ChatServer {
             None => return false,
         };
         let targets: Vec<SessionHandle> = targets.into_iter().cloned().collect();
-        if msg.typing && msg.origin.is_some() && !self.typing_allowed(&msg.from, &msg.conv) {
+        if msg.typing && !self.typing.allow(&msg.from, &msg.conv, Instant::now()) {
             return false;
         }
         let origin_outbox = msg

@@ -90,6 +90,7 @@ function startPage(form) {
   const err = $('start-error');
   const to = $('start-to');
   const room = $('start-room');
+  const create = $('start-create');
   const who = jwt ? $('start-token') : $('start-uid');
   const inputs = Array.from(form.querySelectorAll('input'));
 
@@ -129,10 +130,11 @@ function startPage(form) {
       ev.preventDefault();
       return fail('Your id may only use letters, digits and _ . - (at most 64).', who);
     }
-    const used = kind === 'to' ? to : kind === 'room' ? room : null;
+    const inRoom = kind === 'room' || kind === 'create';
+    const used = kind === 'to' ? to : inRoom ? room : null;
     if (used && !used.value) {
       ev.preventDefault();
-      return fail(kind === 'to' ? 'Whom do you want to talk to?' : 'Which room?', used);
+      return fail(kind === 'to' ? 'Whom do you want to talk to?' : kind === 'create' ? 'Name the new room.' : 'Which room?', used);
     }
     if (used && !validId(used.value)) {
       ev.preventDefault();
@@ -149,19 +151,22 @@ function startPage(form) {
       sessionStorage.setItem(TOKEN_KEY, id);
       const q = new URLSearchParams();
       if (kind === 'to') q.set('to', used.value);
-      if (kind === 'room') q.set('room', used.value);
+      if (inRoom) q.set('room', used.value);
+      if (kind === 'create') q.set('create', 'private');
       location.assign((kind === 'inbox' ? '/inbox' : '/chat') + (q.toString() ? '?' + q : ''));
       return;
     }
     // A disabled field is not submitted: the query has at most one of to / room.
     to.disabled = kind !== 'to';
-    room.disabled = kind !== 'room';
+    room.disabled = !inRoom;
+    create.disabled = kind !== 'create';
   });
 
   // Back from the chat (bfcache): every field usable again.
   window.addEventListener('pageshow', () => {
     to.disabled = false;
     room.disabled = false;
+    create.disabled = true;
   });
 }
 
@@ -278,6 +283,8 @@ async function messenger(root) {
   let debug = localStorage.getItem(DEBUG_KEY) === '1';
   const wantedTo = root.dataset.to || '';
   const wantedRoom = root.dataset.room || '';
+  // The start page's "Create private room": create it (once) instead of joining it.
+  let createWanted = wantedRoom && root.dataset.create ? { room: wantedRoom, private: root.dataset.create === 'private' } : null;
 
   function setMe() {
     ui.meName.textContent = uid || '…';
@@ -405,7 +412,10 @@ async function messenger(root) {
     const m = item.last;
     if (!m) return item.room ? 'No messages yet' : '';
     const who = m.from === uid ? 'You: ' : item.room ? m.from + ': ' : '';
-    if (m.delete != null || m.deleted) return who + 'message deleted';
+    // A delete names an older message: say who deleted one (not "message deleted", as
+    // if the conversation's newest message were gone).
+    if (m.delete != null) return (m.from === uid ? 'You' : m.from) + ' deleted a message';
+    if (m.deleted) return who + 'message deleted';
     if (m.edit != null) return who + (m.body != null ? m.body : 'message edited');
     return who + (m.body || '');
   }
@@ -634,6 +644,7 @@ async function messenger(root) {
   function enterRoom() {
     const c = current;
     if (!c || c.kind !== 'room') return;
+    if (createWanted && createWanted.room === c.room) return createRoom(c);
     if (client.rooms.has(c.room)) return loadConv();
     client.join(c.room).then(
       () => {
@@ -645,6 +656,32 @@ async function messenger(root) {
         if (e.code === 'disconnected') return; // the welcome tries again
         c.refused = true;
         showRefusal('You cannot join #' + c.room, refusalText(e, c.room));
+      },
+    );
+  }
+
+  /** Creates the open room with this user as its owner (asked for in the URL). */
+  function createRoom(c) {
+    client.create(c.room, { private: createWanted.private }).then(
+      () => {
+        createWanted = null;
+        // A reload opens the room; it does not try to create it again.
+        if (current === c) setUrl(c.conv, true);
+        if (current === c && !c.ready) loadConv();
+        if (current === c) togglePanel(true);
+      },
+      (e) => {
+        if (e.code === 'disconnected') return; // the welcome tries again
+        createWanted = null;
+        if (current !== c) return;
+        setUrl(c.conv, true);
+        if (e.code === 'conflict') {
+          toast('A room named ' + c.room + ' already exists.', 'error');
+          enterRoom();
+        } else {
+          c.refused = true;
+          showRefusal('You cannot create #' + c.room, refusalText(e, c.room));
+        }
       },
     );
   }
@@ -667,6 +704,9 @@ async function messenger(root) {
     ui.refusal.hidden = false;
     ui.empty.hidden = true;
     ui.older.hidden = true;
+    // Not a member: there is no member list to show.
+    ui.membersToggle.hidden = true;
+    togglePanel(false);
     renderComposerState();
   }
 
@@ -675,6 +715,7 @@ async function messenger(root) {
     c.ready = true;
     c.refused = false;
     ui.refusal.hidden = true;
+    ui.membersToggle.hidden = c.kind !== 'room';
     renderComposerState();
     for (const m of client.messages(c.conv)) showMessage(m);
     for (const e of client.pending(c.conv)) showPending(e);

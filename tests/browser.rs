@@ -445,213 +445,521 @@ fn chat_in_the_browser() {
     drop(node);
 }
 
-/// Two users: the inbox (newest first, previews, unread badges), typing, "seen",
-/// edits and deletes on both pages, the presence dot, multi-line messages.
+/// Two users on one node: the inbox (newest first, previews, unread badges), typing,
+/// "seen", edits and deletes on both pages, the presence dot, multi-line messages.
 #[test]
 fn messenger_inbox_typing_seen_edit_delete_presence() {
+    let node = TestNode::start(settings());
+    run(two_users_in_the_messenger(&node, &node, ""));
+    drop(node);
+}
+
+/// The same across two cluster nodes, one page on each (and carol's websocket on bob's
+/// node): unread badges, typing, "seen", edits, deletes and the presence dot all cross
+/// the peer API.
+#[test]
+fn messenger_inbox_typing_seen_edit_delete_presence_across_two_nodes() {
+    let env = ClusterEnv::start();
+    let n1 = env.node("node-1");
+    let n2 = env.node("node-2");
+    run(two_users_in_the_messenger(&n1, &n2, "cluster-"));
+    drop((n1, n2));
+}
+
+/// alice's page on `alice_node`, bob's on `bob_node` (the same node or two of a
+/// cluster); the screenshots' names start with `prefix`.
+async fn two_users_in_the_messenger(alice_node: &TestNode, bob_node: &TestNode, prefix: &str) {
+    let browser = Browser::launch().await;
+    // alice opens her inbox; nobody has written yet.
+    let a = open(&browser, &format!("{}/inbox?uid=alice", alice_node.base)).await;
+    wait_online(&a).await;
+    assert_eq!(node_of(&a).await, json!(alice_node.node_id));
+    a.wait_for(
+        "!document.getElementById('inbox-empty').hidden \
+             && !document.getElementById('conv-placeholder').hidden",
+        T,
+    )
+    .await;
+    shot(&a, &format!("{prefix}inbox-empty")).await;
+
+    // bob writes to her (two lines in one message: Shift+Enter), carol too.
+    let b = open(
+        &browser,
+        &format!("{}/chat?uid=bob&to=alice", bob_node.base),
+    )
+    .await;
+    settled(&b).await;
+    assert_eq!(node_of(&b).await, json!(bob_node.node_id));
+    ready_to_write(&b).await;
+    b.type_text("#send-input", "Lunch tomorrow?").await;
+    press_shift_enter(&b).await;
+    b.type_text("#send-input", "The usual place").await;
+    b.click("#send-button").await;
+    wait_msg(&b, "Lunch tomorrow?\nThe usual place", "stored").await;
+    send(&b, "12:30?").await;
+    wait_msg(&b, "12:30?", "stored").await;
+    let bob_dm = inbox_item("dm:alice:bob");
+    a.wait_for(
+        &format!(
+            "{bob_dm}?.querySelector('.badge').textContent === '2' \
+                 && {bob_dm}.querySelector('.conv-preview').textContent === '12:30?'"
+        ),
+        T,
+    )
+    .await;
+    let mut carol = common::Client::connect(bob_node, "carol").await;
+    carol.direct("alice", "Did you see the report?", "c1").await;
+    let carol_dm = inbox_item("dm:alice:carol");
+    a.wait_for(
+        &format!("{carol_dm}?.querySelector('.badge').textContent === '1'"),
+        T,
+    )
+    .await;
+    // Newest first.
+    assert_eq!(
+        a.eval(
+            "Array.from(document.querySelectorAll('#inbox .conv-item')).map(i => i.dataset.conv)"
+        )
+        .await,
+        json!(["dm:alice:carol", "dm:alice:bob"])
+    );
+    shot(&a, &format!("{prefix}inbox-unread")).await;
+
+    // alice opens bob's conversation (her tab in front): it is read, the badge goes,
+    // and bob's page shows "Seen" under his last message.
+    a.bring_to_front().await;
+    a.click("#inbox .conv-item[data-conv=\"dm:alice:bob\"] a")
+        .await;
+    settled(&a).await;
+    assert_eq!(
+        a.eval("location.search").await,
+        "?uid=alice&to=bob",
+        "the URL follows the open conversation"
+    );
+    assert_eq!(
+        a.eval(BODIES).await,
+        json!(["Lunch tomorrow?\nThe usual place", "12:30?"])
+    );
+    a.wait_for(&format!("{bob_dm}.querySelector('.badge').hidden"), T)
+        .await;
+    b.wait_for(
+        &format!(
+            "{}.querySelector('.mark').dataset.mark === 'seen'",
+            msg("12:30?")
+        ),
+        T,
+    )
+    .await;
+    assert_eq!(
+        b.eval(&format!(
+            "{}.querySelector('.mark').textContent",
+            msg("12:30?")
+        ))
+        .await,
+        "Seen"
+    );
+    shot(&b, &format!("{prefix}dm-seen")).await;
+
+    // Typing shows on the other page, and goes away after a few seconds of quiet.
+    b.bring_to_front().await;
+    ready_to_write(&a).await;
+    a.type_text("#send-input", "Sure, see").await;
+    b.wait_for(
+        "document.getElementById('typing').textContent === 'alice is typing…'",
+        T,
+    )
+    .await;
+    shot(&b, &format!("{prefix}dm-typing")).await;
+    b.wait_for(
+        "document.getElementById('typing').textContent === ''",
+        Duration::from_secs(10),
+    )
+    .await;
+    // Enter sends (what was typed so far, and the rest).
+    a.type_text("#send-input", " you there").await;
+    a.press_enter().await;
+    wait_msg(&b, "Sure, see you there", "received").await;
+    wait_msg(&a, "Sure, see you there", "stored").await;
+
+    // alice edits her message; both pages show the new text, marked edited.
+    click_action(&a, "Sure, see you there", "edit").await;
+    a.wait_for(
+        "document.getElementById('send-input').value === 'Sure, see you there' \
+             && !document.getElementById('edit-bar').hidden",
+        T,
+    )
+    .await;
+    shot(&a, &format!("{prefix}dm-editing")).await;
+    a.eval("document.getElementById('send-input').select()")
+        .await;
+    a.type_text("#send-input", "Sure, see you at 12:30").await;
+    a.press_enter().await;
+    for page in [&a, &b] {
+        page.wait_for(
+            &format!(
+                "(m => m && !m.querySelector('.edited').hidden)({})",
+                msg("Sure, see you at 12:30")
+            ),
+            T,
+        )
+        .await;
+        assert_eq!(
+            page.eval(&format!("{} === undefined", msg("Sure, see you there")))
+                .await,
+            true
+        );
+    }
+
+    // bob deletes his first message; both pages show it deleted, in place.
+    click_action(&b, "Lunch tomorrow?\nThe usual place", "delete").await;
+    b.click("#messages [data-action=confirm-delete]").await;
+    for page in [&a, &b] {
+        page.wait_for(
+            "(m => m && m.classList.contains('deleted') \
+                   && m.querySelector('.body').textContent === 'This message was deleted')\
+                 (document.querySelector('#messages .msg'))",
+            T,
+        )
+        .await;
+    }
+    // The inbox says who deleted a message (the newest event of the conversation).
+    a.wait_for(
+        &format!("{bob_dm}.querySelector('.conv-preview').textContent === 'bob deleted a message'"),
+        T,
+    )
+    .await;
+    assert_eq!(
+        a.eval(BODIES).await,
+        json!([
+            "This message was deleted",
+            "12:30?",
+            "Sure, see you at 12:30"
+        ])
+    );
+    // Others' messages cannot be edited or deleted in a DM.
+    assert_eq!(
+        a.eval("document.querySelectorAll('#messages .msg.other [data-action]').length")
+            .await,
+        0
+    );
+    shot(&a, &format!("{prefix}dm-edited-deleted")).await;
+
+    // The presence dot of bob on alice's page flips within a second of his page
+    // closing.
+    a.wait_for(
+        "document.getElementById('presence').dataset.online === 'true'",
+        T,
+    )
+    .await;
+    let closed = Instant::now();
+    b.close().await;
+    a.wait_for(
+        "document.getElementById('presence').dataset.online === 'false'",
+        Duration::from_secs(1),
+    )
+    .await;
+    let took = closed.elapsed();
+    eprintln!("{prefix}presence: offline on alice's page {took:?} after bob's page closed");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    assert_eq!(
+        a.eval(&format!("{bob_dm}.querySelector('.dot').dataset.online"))
+            .await,
+        "false"
+    );
+    shot(&a, &format!("{prefix}dm-peer-offline")).await;
+
+    // Phone-sized: the conversation alone, with a way back to the inbox.
+    a.set_viewport(390, 800, true).await;
+    a.wait_for(
+        "getComputedStyle(document.querySelector('.sidebar')).display === 'none'",
+        T,
+    )
+    .await;
+    shot(&a, &format!("{prefix}phone-conversation")).await;
+    a.click("#back").await;
+    a.wait_for(
+        "getComputedStyle(document.querySelector('.sidebar')).display !== 'none'",
+        T,
+    )
+    .await;
+    shot(&a, &format!("{prefix}phone-inbox")).await;
+    no_exceptions(&[&a]);
+}
+
+/// JS: the mark under the message whose body is `body`.
+fn mark_of(body: &str) -> String {
+    format!("{}.querySelector('.mark')", msg(body))
+}
+
+/// JS: true when the newest rendered message is inside the scroller's visible area,
+/// on each of the next 20 animation frames (a notice sliding in must not move it).
+const NEWEST_STAYS_IN_VIEW: &str = "(async () => { \
+    for (let i = 0; i < 20; i++) { \
+      const s = document.getElementById('scroller').getBoundingClientRect(); \
+      const all = document.querySelectorAll('#messages .msg'); \
+      const m = all[all.length - 1].getBoundingClientRect(); \
+      if (!(m.height > 0 && m.top >= s.top - 0.5 && m.bottom <= s.bottom + 0.5)) \
+        return 'out of view: message ' + m.top + '..' + m.bottom + ', scroller ' + s.top + '..' + s.bottom; \
+      await new Promise(r => requestAnimationFrame(r)); \
+    } \
+    return true; })()";
+
+/// The inbox's search box starts a chat with a person and with a room; your messages
+/// show "Delivered" once they reached the other's device and "Seen" once read; in rooms
+/// "Seen by N"; and notices (an error toast, the connection banner) do not push the
+/// newest message out of view.
+#[test]
+fn new_chats_delivered_seen_by_and_notices() {
+    let node = TestNode::start(settings());
+    let base = node.base.clone();
+    run(async move {
+        let browser = Browser::launch().await;
+        // bob has only his inbox open: what reaches him is delivered, not read.
+        let b = open(&browser, &format!("{base}/inbox?uid=bob")).await;
+        wait_online(&b).await;
+        let a = open(&browser, &format!("{base}/inbox?uid=alice")).await;
+        wait_online(&a).await;
+
+        // A person, from the search box.
+        a.type_text("#new-chat-input", "bob").await;
+        a.press_enter().await;
+        a.wait_for("window.chatmesh.conv === 'dm:alice:bob'", T)
+            .await;
+        settled(&a).await;
+        assert_eq!(a.eval("location.search").await, "?uid=alice&to=bob");
+        assert_eq!(
+            a.eval("[document.getElementById('chat-title').textContent, document.getElementById('new-chat-input').value]")
+                .await,
+            json!(["bob", ""])
+        );
+        send(&a, "are you there?").await;
+        wait_msg(&a, "are you there?", "stored").await;
+        let mark = mark_of("are you there?");
+        a.wait_for(
+            &format!("{mark}.dataset.mark === 'delivered' && {mark}.textContent === 'Delivered'"),
+            T,
+        )
+        .await;
+        b.wait_for(
+            &format!(
+                "{}?.querySelector('.badge').textContent === '1'",
+                inbox_item("dm:alice:bob")
+            ),
+            T,
+        )
+        .await;
+        shot(&a, "dm-delivered").await;
+        // bob opens it: now it is seen.
+        b.bring_to_front().await;
+        b.click("#inbox .conv-item[data-conv=\"dm:alice:bob\"] a")
+            .await;
+        a.wait_for(
+            &format!("{mark}.dataset.mark === 'seen' && {mark}.textContent === 'Seen'"),
+            T,
+        )
+        .await;
+
+        // A room, from the search box with `#`: a new public room, alice its owner.
+        a.bring_to_front().await;
+        a.type_text("#new-chat-input", "#standup").await;
+        a.press_enter().await;
+        a.wait_for("window.chatmesh.conv === 'room:standup'", T)
+            .await;
+        settled(&a).await;
+        a.wait_for(
+            "document.getElementById('room-meta').textContent === 'Public room · 1 member'",
+            T,
+        )
+        .await;
+        assert_eq!(a.eval("location.search").await, "?uid=alice&room=standup");
+        // bob and carol are in the room too (their windows open on it) when alice
+        // writes; they read it: "Seen by 1", then "Seen by 2".
+        b.goto(&format!("{base}/chat?uid=bob&room=standup")).await;
+        settled(&b).await;
+        let c = open(&browser, &format!("{base}/inbox?uid=carol")).await;
+        wait_online(&c).await;
+        c.eval("window.chatmesh.client.join('standup')").await;
+        send(&a, "standup at 10").await;
+        wait_msg(&a, "standup at 10", "stored").await;
+        let mark = mark_of("standup at 10");
+        wait_msg(&b, "standup at 10", "received").await;
+        a.wait_for(
+            &format!("{mark}.textContent === 'Seen by 1' && {mark}.title === 'Seen by bob'"),
+            T,
+        )
+        .await;
+        shot(&a, "room-seen-by-1").await;
+        c.wait_for(
+            &format!(
+                "{}?.querySelector('.badge').textContent === '1'",
+                inbox_item("room:standup")
+            ),
+            T,
+        )
+        .await;
+        c.click("#inbox .conv-item[data-conv=\"room:standup\"] a")
+            .await;
+        wait_msg(&c, "standup at 10", "received").await;
+        a.wait_for(
+            &format!(
+                "{mark}.textContent === 'Seen by 2' && {mark}.dataset.seenBy === '2' \
+                 && {mark}.title.includes('bob') && {mark}.title.includes('carol')"
+            ),
+            T,
+        )
+        .await;
+        shot(&a, "room-seen-by").await;
+
+        // A long conversation: more than fits, alice at the newest message.
+        let mut dave = common::Client::connect(&node, "dave").await;
+        dave.join("standup").await;
+        for i in 1..=40 {
+            dave.room("standup", &format!("update {i}"), &format!("d{i}"))
+                .await;
+        }
+        wait_msg(&a, "update 40", "received").await;
+        assert_eq!(
+            a.eval(
+                "(s => s.scrollHeight > 2 * s.clientHeight)(document.getElementById('scroller'))"
+            )
+            .await,
+            true,
+            "the conversation overflows its scroller"
+        );
+        assert_eq!(a.eval(NEWEST_STAYS_IN_VIEW).await, true);
+
+        // An error notice (a bad id in the search box) floats over the messages.
+        a.type_text("#new-chat-input", "not an id!").await;
+        a.press_enter().await;
+        a.wait_for("document.querySelector('#toasts .toast.error') !== null", T)
+            .await;
+        assert_eq!(a.eval(NEWEST_STAYS_IN_VIEW).await, true);
+        shot(&a, "notice-error-toast").await;
+        // An info notice with a button (someone added alice to a room) does too.
+        let mut erin = common::Client::connect(&node, "erin").await;
+        erin.send(json!({"type":"create","room":"ops","private":true}))
+            .await;
+        erin.recv_type("joined").await;
+        erin.send(json!({"type":"add","room":"ops","uid":"alice"}))
+            .await;
+        erin.recv_type("added").await;
+        a.wait_for(
+            "Array.from(document.querySelectorAll('#toasts .toast')).some(t => t.textContent.includes('erin added you to #ops'))",
+            T,
+        )
+        .await;
+        assert_eq!(a.eval(NEWEST_STAYS_IN_VIEW).await, true);
+
+        // The connection banner (the node goes away) does not move it either.
+        drop((dave, erin));
+        tokio::task::spawn_blocking(move || node.stop().unwrap())
+            .await
+            .unwrap();
+        a.wait_for("!document.getElementById('banner').hidden", T)
+            .await;
+        assert_eq!(a.eval(NEWEST_STAYS_IN_VIEW).await, true);
+        // The notices do not cover each other (the banner's "Retry now" stays usable).
+        assert_eq!(
+            a.eval(
+                "(() => { const b = document.getElementById('banner').getBoundingClientRect(); \
+                   return Array.from(document.querySelectorAll('#toasts .toast')).every(t => { \
+                     const r = t.getBoundingClientRect(); \
+                     return r.top >= b.bottom || r.bottom <= b.top || r.left >= b.right || r.right <= b.left; }); })()"
+            )
+            .await,
+            true
+        );
+        shot(&a, "notice-connection-banner").await;
+        no_exceptions(&[&a, &b, &c]);
+    });
+}
+
+/// The start page creates a private room: its creator lands in it as its owner, with
+/// the members panel open to add people; the URL then names the room only. Asked for a
+/// room that exists, it says so and opens it if it may.
+#[test]
+fn private_room_from_the_start_page() {
     let node = TestNode::start(settings());
     let base = node.base.clone();
     run(async {
         let browser = Browser::launch().await;
-        // alice opens her inbox; nobody has written yet.
-        let a = open(&browser, &format!("{base}/inbox?uid=alice")).await;
-        wait_online(&a).await;
-        a.wait_for(
-            "!document.getElementById('inbox-empty').hidden \
-             && !document.getElementById('conv-placeholder').hidden",
+        let p = open(&browser, &format!("{base}/?uid=olga")).await;
+        p.type_text("#start-room", "design").await;
+        shot(&p, "start-page-create-room").await;
+        p.click("button[data-kind=create]").await;
+        p.wait_for(
+            "location.pathname === '/chat' && document.readyState === 'complete'",
             T,
         )
         .await;
-        shot(&a, "inbox-empty").await;
-
-        // bob writes to her (two lines in one message: Shift+Enter), carol too.
-        let b = open(&browser, &format!("{base}/chat?uid=bob&to=alice")).await;
-        settled(&b).await;
-        ready_to_write(&b).await;
-        b.type_text("#send-input", "Lunch tomorrow?").await;
-        press_shift_enter(&b).await;
-        b.type_text("#send-input", "The usual place").await;
-        b.click("#send-button").await;
-        wait_msg(&b, "Lunch tomorrow?\nThe usual place", "stored").await;
-        send(&b, "12:30?").await;
-        wait_msg(&b, "12:30?", "stored").await;
-        let bob_dm = inbox_item("dm:alice:bob");
-        a.wait_for(
-            &format!(
-                "{bob_dm}?.querySelector('.badge').textContent === '2' \
-                 && {bob_dm}.querySelector('.conv-preview').textContent === '12:30?'"
-            ),
+        p.wait_for(
+            "window.chatmesh && window.chatmesh.conv === 'room:design'",
             T,
         )
         .await;
-        let mut carol = common::Client::connect(&node, "carol").await;
-        carol.direct("alice", "Did you see the report?", "c1").await;
-        let carol_dm = inbox_item("dm:alice:carol");
-        a.wait_for(
-            &format!("{carol_dm}?.querySelector('.badge').textContent === '1'"),
+        settled(&p).await;
+        p.wait_for(
+            "document.getElementById('room-meta').textContent === 'Private room · 1 member' \
+             && !document.getElementById('room-panel').hidden \
+             && !document.getElementById('add-member').hidden \
+             && document.querySelector('#member-list li[data-uid=olga] .role')?.textContent === 'owner' \
+             && !document.getElementById('send-input').disabled",
             T,
         )
         .await;
-        // Newest first.
         assert_eq!(
-            a.eval("Array.from(document.querySelectorAll('#inbox .conv-item')).map(i => i.dataset.conv)")
-                .await,
-            json!(["dm:alice:carol", "dm:alice:bob"])
+            p.eval("location.search").await,
+            "?uid=olga&room=design",
+            "a reload opens the room and does not create it again"
         );
-        shot(&a, "inbox-unread").await;
+        shot(&p, "room-created-from-start-page").await;
+        send(&p, "first!").await;
+        wait_msg(&p, "first!", "stored").await;
 
-        // alice opens bob's conversation (her tab in front): it is read, the badge goes,
-        // and bob's page shows "Seen" under his last message.
-        a.bring_to_front().await;
-        a.click("#inbox .conv-item[data-conv=\"dm:alice:bob\"] a")
+        // It is private: others cannot join it.
+        let mut xavier = common::Client::connect(&node, "xavier").await;
+        xavier.send(json!({"type":"join","room":"design"})).await;
+        assert_eq!(xavier.recv_type("error").await["code"], "forbidden");
+
+        // Asked again: it exists; its owner is let in anyway.
+        p.goto(&format!("{base}/chat?uid=olga&room=design&create=private"))
             .await;
-        settled(&a).await;
-        assert_eq!(
-            a.eval("location.search").await,
-            "?uid=alice&to=bob",
-            "the URL follows the open conversation"
-        );
-        assert_eq!(
-            a.eval(BODIES).await,
-            json!(["Lunch tomorrow?\nThe usual place", "12:30?"])
-        );
-        a.wait_for(&format!("{bob_dm}.querySelector('.badge').hidden"), T)
-            .await;
-        b.wait_for(
-            &format!(
-                "{}.querySelector('.mark').dataset.mark === 'seen'",
-                msg("12:30?")
-            ),
+        p.wait_for(
+            "Array.from(document.querySelectorAll('#toasts .toast.error')).some(t => \
+               t.textContent.includes('A room named design already exists.'))",
             T,
         )
         .await;
-        assert_eq!(
-            b.eval(&format!(
-                "{}.querySelector('.mark').textContent",
-                msg("12:30?")
-            ))
-            .await,
-            "Seen"
-        );
-        shot(&b, "dm-seen").await;
-
-        // Typing shows on the other page, and goes away after a few seconds of quiet.
-        b.bring_to_front().await;
-        ready_to_write(&a).await;
-        a.type_text("#send-input", "Sure, see").await;
-        b.wait_for(
-            "document.getElementById('typing').textContent === 'alice is typing…'",
+        settled(&p).await;
+        wait_msg(&p, "first!", "stored").await;
+        // Someone else asking for it is told it is private.
+        let x = open(&browser, &format!("{base}/?uid=xavier")).await;
+        x.type_text("#start-room", "design").await;
+        x.click("button[data-kind=create]").await;
+        x.wait_for(
+            "document.getElementById('refusal-reason')?.textContent === '#design is private: an owner must add you.'",
             T,
         )
         .await;
-        shot(&b, "dm-typing").await;
-        b.wait_for(
-            "document.getElementById('typing').textContent === ''",
-            Duration::from_secs(10),
-        )
-        .await;
-        // Enter sends (what was typed so far, and the rest).
-        a.type_text("#send-input", " you there").await;
-        a.press_enter().await;
-        wait_msg(&b, "Sure, see you there", "received").await;
-        wait_msg(&a, "Sure, see you there", "stored").await;
-
-        // alice edits her message; both pages show the new text, marked edited.
-        click_action(&a, "Sure, see you there", "edit").await;
-        a.wait_for(
-            "document.getElementById('send-input').value === 'Sure, see you there' \
-             && !document.getElementById('edit-bar').hidden",
+        shot(&x, "room-create-exists").await;
+        // A room name is needed first; a bad `create` is an explained error.
+        let e = open(&browser, &format!("{base}/?uid=olga")).await;
+        e.click("button[data-kind=create]").await;
+        e.wait_for(
+            "document.getElementById('start-error').textContent === 'Name the new room.'",
             T,
         )
         .await;
-        shot(&a, "dm-editing").await;
-        a.eval("document.getElementById('send-input').select()")
-            .await;
-        a.type_text("#send-input", "Sure, see you at 12:30").await;
-        a.press_enter().await;
-        for page in [&a, &b] {
-            page.wait_for(
-                &format!(
-                    "(m => m && !m.querySelector('.edited').hidden)({})",
-                    msg("Sure, see you at 12:30")
-                ),
-                T,
-            )
-            .await;
-            assert_eq!(
-                page.eval(&format!("{} === undefined", msg("Sure, see you there")))
-                    .await,
-                true
-            );
-        }
-
-        // bob deletes his first message; both pages show it deleted, in place.
-        click_action(&b, "Lunch tomorrow?\nThe usual place", "delete").await;
-        b.click("#messages [data-action=confirm-delete]").await;
-        for page in [&a, &b] {
-            page.wait_for(
-                "(m => m && m.classList.contains('deleted') \
-                   && m.querySelector('.body').textContent === 'This message was deleted')\
-                 (document.querySelector('#messages .msg'))",
-                T,
-            )
-            .await;
-        }
-        assert_eq!(
-            a.eval(BODIES).await,
-            json!([
-                "This message was deleted",
-                "12:30?",
-                "Sure, see you at 12:30"
-            ])
-        );
-        // Others' messages cannot be edited or deleted in a DM.
-        assert_eq!(
-            a.eval("document.querySelectorAll('#messages .msg.other [data-action]').length")
-                .await,
-            0
-        );
-        shot(&a, "dm-edited-deleted").await;
-
-        // The presence dot of bob on alice's page flips within a second of his page
-        // closing.
-        a.wait_for(
-            "document.getElementById('presence').dataset.online === 'true'",
-            T,
+        assert_eq!(e.eval("location.pathname").await, "/");
+        let bad = common::http_blocking(
+            "GET",
+            &format!("{base}/chat?uid=olga&room=design&create=yes"),
+            &[],
+            None,
         )
-        .await;
-        let closed = Instant::now();
-        b.close().await;
-        a.wait_for(
-            "document.getElementById('presence').dataset.online === 'false'",
-            Duration::from_secs(1),
-        )
-        .await;
-        let took = closed.elapsed();
-        assert!(took < Duration::from_secs(1), "took {took:?}");
-        assert_eq!(
-            a.eval(&format!("{bob_dm}.querySelector('.dot').dataset.online"))
-                .await,
-            "false"
-        );
-        shot(&a, "dm-peer-offline").await;
-
-        // Phone-sized: the conversation alone, with a way back to the inbox.
-        a.set_viewport(390, 800, true).await;
-        a.wait_for(
-            "getComputedStyle(document.querySelector('.sidebar')).display === 'none'",
-            T,
-        )
-        .await;
-        shot(&a, "phone-conversation").await;
-        a.click("#back").await;
-        a.wait_for(
-            "getComputedStyle(document.querySelector('.sidebar')).display !== 'none'",
-            T,
-        )
-        .await;
-        shot(&a, "phone-inbox").await;
-        no_exceptions(&[&a]);
+        .unwrap();
+        assert_eq!(bad.status, 400);
+        no_exceptions(&[&p, &x, &e]);
     });
     drop(node);
 }
@@ -858,6 +1166,21 @@ fn jwt_mode_pages() {
         wait_online(&a).await;
         a.wait_for(&format!("{} !== undefined", msg("hi from a token")), T)
             .await;
+
+        // The start page creates a private room with a token too (kept out of the URL).
+        let r = open(&browser, &format!("{base}/")).await;
+        r.type_text("#start-token", &bob).await;
+        r.type_text("#start-room", "jwt-team").await;
+        r.click("button[data-kind=create]").await;
+        r.wait_for(
+            "location.pathname === '/chat' && window.chatmesh?.conv === 'room:jwt-team' \
+             && document.getElementById('room-meta').textContent === 'Private room · 1 member' \
+             && !document.getElementById('add-member').hidden",
+            T,
+        )
+        .await;
+        assert_eq!(r.eval("location.search").await, "?room=jwt-team");
+        r.close().await;
 
         // Refused tokens: the reason the server gives.
         let refused = open(&browser, &format!("{base}/chat?token={expired}&to=bob")).await;

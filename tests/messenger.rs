@@ -434,3 +434,68 @@ async fn large_rooms_answer_receipts_queries_only() {
     .await;
     assert_eq!(r["read"]["alice"], seq, "{r}");
 }
+
+/// The typing rate holds cluster-wide: bob typing on two nodes at once (a burst on
+/// each) gets one event through to each of alice's connections, not one per node.
+#[tokio::test]
+async fn typing_rate_holds_when_typing_on_two_nodes_at_once() {
+    let env = ClusterEnv::start();
+    let a = env.node("node-a");
+    let b = env.node("node-b");
+    let mut alice_a = Client::connect(&a, "alice").await;
+    let mut alice_b = Client::connect(&b, "alice").await;
+    let mut bob_a = Client::connect(&a, "bob").await;
+    let mut bob_b = Client::connect(&b, "bob").await;
+    // Two rooms for the markers below, with both users, known to both nodes (the
+    // user's connection on the other node is told).
+    for room in ["mark-a", "mark-b"] {
+        for (here, there) in [(&mut alice_a, &mut alice_b), (&mut bob_a, &mut bob_b)] {
+            ask(here, json!({"type":"join","room":room}), &["joined"]).await;
+            while there.recv_type("joined").await["room"] != room {}
+        }
+    }
+
+    let typing = json!({"type":"typing","conv":"dm:alice:bob"});
+    let start = Instant::now();
+    for _ in 0..10 {
+        bob_a.send(typing.clone()).await;
+        bob_b.send(typing.clone()).await;
+    }
+    // Each connection's frames are handled in order, and each peer queue delivers in
+    // order: once alice has bob's typing in the marker rooms from both nodes, every
+    // typing event of the burst that passed a node's rules has reached her.
+    bob_a
+        .send(json!({"type":"typing","conv":"room:mark-a"}))
+        .await;
+    bob_b
+        .send(json!({"type":"typing","conv":"room:mark-b"}))
+        .await;
+    for (name, alice) in [("node-a", &mut alice_a), ("node-b", &mut alice_b)] {
+        let mut typing = 0;
+        let (mut from_a, mut from_b) = (false, false);
+        while !(from_a && from_b) {
+            let f = alice.recv().await;
+            if f["type"] != "typing" {
+                continue;
+            }
+            match f["conv"].as_str() {
+                Some("dm:alice:bob") => typing += 1,
+                Some("room:mark-a") => from_a = true,
+                Some("room:mark-b") => from_b = true,
+                _ => {}
+            }
+        }
+        let took = start.elapsed();
+        eprintln!("alice on {name}: {typing} typing event(s), burst and markers in {took:?}");
+        assert!(
+            took < Duration::from_secs(1),
+            "the burst and its forwarding took {took:?}: not within one second"
+        );
+        // With a rate per node only, each node would let one of its own through and
+        // pass on the other node's: 2.
+        assert_eq!(
+            typing, 1,
+            "alice on {name} got {typing} typing events from a burst within a second"
+        );
+    }
+}
