@@ -322,6 +322,66 @@ async fn a_node_frozen_past_the_ttl_resyncs_its_connections() {
     }
 }
 
+/// A peer queue that really gives up: node-p is frozen (SIGSTOP) right after node-a
+/// queued messages for it, and stays frozen until it is declared dead. node-a drops
+/// the queue (counted in `chatmesh_peer_dropped_total`); after SIGCONT node-p finds
+/// itself expelled and tells its connections to resync, after which bob has every
+/// `sent` message.
+#[tokio::test]
+async fn a_peer_queue_that_gives_up_resyncs_the_peers_connections() {
+    let env = ClusterEnv::start();
+    let a = env.node("node-a");
+    let p = env.process("node-p");
+    let mut alice = Client::connect(&a, "alice").await;
+    alice.join("hall").await;
+    let mut bob = Client::connect_url(&p.ws_url("bob"), "bob").await;
+    bob.join("hall").await;
+    let mut seen = Seen::default();
+    let mut sent = BTreeMap::<String, BTreeSet<u64>>::new();
+    let mut record = |s: &Value| {
+        sent.entry(s["conv"].as_str().unwrap().to_owned())
+            .or_default()
+            .insert(s["seq"].as_u64().unwrap());
+    };
+    // the peer path works: one message reaches bob live
+    let s = alice.direct("bob", "before", "b0").await;
+    record(&s);
+    loop {
+        let f = bob.recv().await;
+        seen.record(&f);
+        if f["type"] == "message" && f["seq"] == s["seq"] {
+            break;
+        }
+    }
+    let dropped = a.metric("chatmesh_peer_dropped_total");
+    p.pause();
+    // Within the TTL: routed to node-p, whose first POST hangs while the rest queue up.
+    for i in 0..20 {
+        record(
+            &alice
+                .direct("bob", &format!("d{i}"), &format!("d{i}"))
+                .await,
+        );
+        record(&alice.room("hall", &format!("h{i}"), &format!("h{i}")).await);
+    }
+    common::eventually("node-a gives up node-p's queue", || {
+        a.metric("chatmesh_peer_dropped_total") > dropped
+    })
+    .await;
+    p.resume();
+    let deadline = Instant::now() + common::WAIT;
+    while seen.resyncs == 0 {
+        assert!(Instant::now() < deadline, "bob was never told to resync");
+        let f = bob.recv().await;
+        seen.record(&f);
+    }
+    let convs: Vec<String> = sent.keys().cloned().collect();
+    bob.sync_into(&mut seen, &convs).await;
+    for conv in &convs {
+        assert_eq!(seen.convs.get(conv), sent.get(conv), "{conv}");
+    }
+}
+
 /// While Redis is frozen, a connection whose own requests wait on it (a join must be
 /// recorded in the directory) keeps receiving room messages, and afterwards gets its
 /// answers in the order it asked.
