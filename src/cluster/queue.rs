@@ -122,6 +122,17 @@ impl PeerQueue {
         false
     }
 
+    /// Tells the peer to resync the connections of `conv` with the next batch.
+    pub fn lose(&mut self, conv: &str) {
+        self.mark_lost(conv);
+    }
+
+    /// Tells the peer to resync every connection with the next batch.
+    pub fn lose_all(&mut self) {
+        self.lost.clear();
+        self.lost_all = true;
+    }
+
     fn mark_lost(&mut self, conv: &str) {
         if !self.lost_all {
             self.lost.insert(conv.to_owned());
