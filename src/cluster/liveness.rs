@@ -16,8 +16,8 @@ use super::directory::Heartbeat;
 use crate::server::ResyncScope;
 
 /// Most conversations a dead node's users may name before every connection is told to
-/// resync instead.
-pub const MAX_DEAD_CONVS: usize = 10_000;
+/// resync instead (as many as a peer batch names).
+pub const MAX_DEAD_CONVS: usize = super::queue::MAX_NAMED_RESYNC;
 
 /// Whom to tell to resync after a node died. Its users' conversations (every DM and
 /// room they take part in): a message one of them sent may have been stored and never
