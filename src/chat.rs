@@ -295,6 +295,11 @@ impl Chat {
         new: NewMessage,
         origin: Option<SessionId>,
     ) -> Result<Sent, ChatError> {
+        if new.by == By::Server {
+            if let Some(cluster) = &self.cluster {
+                cluster.note_api_send().await;
+            }
+        }
         let client_id = new.client_id.clone();
         let store = self.store.clone();
         let delivery = self.delivery.clone();

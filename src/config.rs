@@ -114,6 +114,11 @@ pub struct Layer {
     /// connection is told to resync (it is never closed for this) [default: 1024]
     #[arg(long, env = "CHATMESH_OUTBOUND_QUEUE")]
     pub outbound_queue: Option<usize>,
+    /// Live messages over --outbound-queue are dropped only once the oldest frame
+    /// waiting for the connection has waited this long, ms (a pile-up the client is
+    /// taking is kept) [default: 1000]
+    #[arg(long, env = "CHATMESH_OUTBOUND_GRACE_MS")]
+    pub outbound_grace_ms: Option<u64>,
     /// Comma-separated allowed Origins for /ws, or * [default: same host]
     #[arg(long, env = "CHATMESH_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Option<Vec<String>>,
@@ -169,6 +174,7 @@ impl Layer {
             rate_burst,
             flood_strikes,
             outbound_queue,
+            outbound_grace_ms,
             allowed_origins,
             store_timeout_ms,
             ping_interval_ms,
@@ -199,6 +205,9 @@ pub struct Limits {
     pub rate_burst: f64,
     pub flood_strikes: f64,
     pub outbound_queue: usize,
+    /// How long the oldest frame waiting for a connection may wait before live
+    /// messages over `outbound_queue` are dropped.
+    pub outbound_grace: Duration,
     /// Largest room whose members get live receipts, typing and room presence events.
     pub live_room_size: u64,
 }
@@ -324,6 +333,7 @@ impl Settings {
             rate_burst: positive("rate_burst", l.rate_burst.unwrap_or(200.0))?,
             flood_strikes: positive("flood_strikes", l.flood_strikes.unwrap_or(50.0))?,
             outbound_queue: l.outbound_queue.unwrap_or(1024).max(1),
+            outbound_grace: Duration::from_millis(l.outbound_grace_ms.unwrap_or(1000)),
             live_room_size: l.live_room_size.unwrap_or(100),
         };
         let store = StoreLimits {

@@ -478,6 +478,7 @@ async fn websocket(
     let mut response = actix_http::ws::handshake(req.head())?;
     let outbox = Arc::new(Outbox::new(OutboxLimits {
         max_messages: state.chat.limits.outbound_queue,
+        drop_grace: state.chat.limits.outbound_grace,
         grace: timings.grace(),
     }));
     let kill = req.conn_data::<Arc<KillSwitch>>().cloned();

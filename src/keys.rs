@@ -24,6 +24,7 @@
 //! | `chatmesh:node_users:{id}` | SET of user ids | the users with a connection on node `id`, so a dead node's entries can be removed |
 //! | `chatmesh:node_rooms:{id}` | SET of room ids | the rooms with a member connected to node `id`, likewise |
 //! | `chatmesh:cleanup:{id}` | STRING with a TTL | taken (`SET NX PX`) by the node that removes dead node `id`'s entries |
+//! | `chatmesh:api_sends:{id}` | STRING with a TTL | set by node `id` before it stores a message for the server API; while it lives, the death of `id` resyncs every connection (an API message may be to any conversation) |
 //!
 //! `{uid}` is a user id, `{room}` a room id, `{id}` a node id.
 
@@ -65,6 +66,11 @@ pub fn cleanup(id: &str) -> String {
     format!("{PREFIX}cleanup:{id}")
 }
 
+/// Node `id` stored messages for the server API lately (STRING with a TTL).
+pub fn api_sends(id: &str) -> String {
+    format!("{PREFIX}api_sends:{id}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,6 +84,7 @@ mod tests {
         assert_eq!(node_users("n1"), "chatmesh:node_users:n1");
         assert_eq!(node_rooms("n1"), "chatmesh:node_rooms:n1");
         assert_eq!(cleanup("n1"), "chatmesh:cleanup:n1");
+        assert_eq!(api_sends("n1"), "chatmesh:api_sends:n1");
     }
 
     #[test]
@@ -90,6 +97,7 @@ mod tests {
             node_users("x"),
             node_rooms("x"),
             cleanup("x"),
+            api_sends("x"),
         ];
         let kinds: std::collections::BTreeSet<&str> = all
             .iter()

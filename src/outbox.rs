@@ -11,6 +11,11 @@
 //!   (they are stored) and the connection is sent `resync` once it has caught up, so it
 //!   syncs what it missed. Answers to its own requests are never dropped (there is one
 //!   request in flight per connection, so they are bounded by a page).
+//! - **The bound counts time, not a momentary pile-up.** Messages over the bound are
+//!   dropped only while the oldest frame waiting has waited longer than a grace
+//!   ([`OutboxLimits::drop_grace`]): a burst the socket is taking is kept whole. A hard
+//!   cap far above the bound ([`HARD_CAP_FACTOR`] times it) holds whatever the age, so
+//!   memory stays bounded.
 //! - **Presence never counts against a client.** Presence events are kept as the latest
 //!   state per (room, uid): a crowd coming online costs one entry per member, however
 //!   often they flap.
@@ -76,6 +81,8 @@ pub enum Pushed {
 struct Entry {
     frame: OutFrame,
     message: bool,
+    /// When it was queued.
+    at: Instant,
 }
 
 #[derive(Debug)]
@@ -101,13 +108,27 @@ struct State {
     last_progress: Instant,
 }
 
+/// Live message frames one outbox holds at most, whatever their age, as a multiple
+/// of [`OutboxLimits::max_messages`].
+pub const HARD_CAP_FACTOR: usize = 8;
+
 /// Bounds of one outbox.
 #[derive(Debug, Clone, Copy)]
 pub struct OutboxLimits {
-    /// Live message frames kept waiting before new ones are dropped (and resync sent).
+    /// Live message frames kept waiting before new ones may be dropped (and resync
+    /// sent)...
     pub max_messages: usize,
+    /// ...once the oldest frame waiting has waited longer than this.
+    pub drop_grace: Duration,
     /// A client that takes nothing for this long while something waits is not reading.
     pub grace: Duration,
+}
+
+impl OutboxLimits {
+    /// Live message frames held at most, however young.
+    pub fn hard_cap(&self) -> usize {
+        self.max_messages.saturating_mul(HARD_CAP_FACTOR)
+    }
 }
 
 pub struct Outbox {
@@ -151,19 +172,35 @@ impl Outbox {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn push(&self, frame: OutFrame, message: bool) -> Pushed {
+    /// Whether a live message pushed at `now` is dropped: over the hard cap, or over
+    /// the bound while the socket has left the oldest frame waiting past the grace.
+    fn over_bound(&self, s: &State, now: Instant) -> bool {
+        if s.messages >= self.limits.hard_cap() {
+            return true;
+        }
+        s.messages >= self.limits.max_messages
+            && s.queue
+                .front()
+                .is_some_and(|e| now.saturating_duration_since(e.at) > self.limits.drop_grace)
+    }
+
+    fn push(&self, frame: OutFrame, message: bool, now: Instant) -> Pushed {
         let mut s = self.lock();
         if s.close.is_some() {
             return Pushed::Closed;
         }
-        if message && s.messages >= self.limits.max_messages {
+        if message && self.over_bound(&s, now) {
             s.resync_due = true;
             return Pushed::Dropped;
         }
         if s.queue.is_empty() && s.presence.is_empty() {
-            s.last_progress = Instant::now();
+            s.last_progress = now;
         }
-        s.queue.push_back(Entry { frame, message });
+        s.queue.push_back(Entry {
+            frame,
+            message,
+            at: now,
+        });
         s.messages += usize::from(message);
         drop(s);
         self.waker.wake();
@@ -172,17 +209,21 @@ impl Outbox {
 
     /// A live message (droppable: it is stored and the client will resync).
     pub fn message(&self, text: ByteString) -> Pushed {
-        self.push(OutFrame::Text(text), true)
+        self.message_at(text, Instant::now())
+    }
+
+    fn message_at(&self, text: ByteString, now: Instant) -> Pushed {
+        self.push(OutFrame::Text(text), true, now)
     }
 
     /// An answer or event that must not be dropped.
     pub fn control(&self, text: ByteString) -> bool {
-        self.push(OutFrame::Text(text), false) == Pushed::Queued
+        self.push(OutFrame::Text(text), false, Instant::now()) == Pushed::Queued
     }
 
     /// A websocket ping or pong.
     pub fn raw(&self, frame: OutFrame) -> bool {
-        self.push(frame, false) == Pushed::Queued
+        self.push(frame, false, Instant::now()) == Pushed::Queued
     }
 
     /// A presence event: replaces any not yet written for the same (room, uid).
@@ -360,9 +401,12 @@ impl Outbox {
 mod tests {
     use super::*;
 
+    const DROP_GRACE: Duration = Duration::from_millis(1000);
+
     fn outbox(max: usize) -> Outbox {
         Outbox::new(OutboxLimits {
             max_messages: max,
+            drop_grace: DROP_GRACE,
             grace: Duration::from_millis(50),
         })
     }
@@ -391,8 +435,11 @@ mod tests {
         let o = outbox(4);
         o.welcome("w".into());
         o.take(1000);
+        let t0 = Instant::now();
+        let late = t0 + DROP_GRACE + Duration::from_millis(1);
         for i in 0..10 {
-            o.message(format!("m{i}").into());
+            let at = if i < 4 { t0 } else { late };
+            o.message_at(format!("m{i}").into(), at);
         }
         assert!(o.control("answer".into()), "answers are never dropped");
         let first = o.take(4);
@@ -405,6 +452,58 @@ mod tests {
         assert_eq!(texts(&rest), vec!["m2", "m3", "answer"]);
         assert_eq!(first.messages + rest.messages, 4);
         assert!(o.take(1000).frames.is_empty(), "resync is sent once");
+    }
+
+    #[test]
+    fn a_pile_up_the_socket_is_taking_is_kept_whole() {
+        let o = outbox(4);
+        o.welcome("w".into());
+        o.take(1000);
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        // twice the bound at once: nothing has waited yet
+        for i in 0..8 {
+            assert_eq!(o.message_at(format!("a{i}").into(), t0), Pushed::Queued);
+        }
+        // more while the oldest has waited 900 ms: kept
+        for i in 0..4 {
+            assert_eq!(
+                o.message_at(format!("b{i}").into(), t0 + ms(900)),
+                Pushed::Queued
+            );
+        }
+        // the socket takes the a's
+        let t = o.take(16);
+        assert_eq!(t.messages, 8);
+        assert!(!t.resync, "nothing was dropped");
+        assert_eq!(
+            o.message_at("c".into(), t0 + ms(1500)),
+            Pushed::Queued,
+            "at the bound, but the oldest waiting (b0) waited 600 ms"
+        );
+        // nobody takes anything: past the grace, over the bound is dropped
+        assert_eq!(
+            o.message_at("d".into(), t0 + ms(1901)),
+            Pushed::Dropped,
+            "b0 has waited 1001 ms"
+        );
+        let t = o.take(1000);
+        assert_eq!(texts(&t), vec!["b0", "b1", "b2", "b3", "c", RESYNC_FRAME]);
+    }
+
+    #[test]
+    fn the_hard_cap_holds_however_young_the_queue() {
+        let o = outbox(4);
+        o.welcome("w".into());
+        o.take(1000);
+        let t0 = Instant::now();
+        for i in 0..4 * HARD_CAP_FACTOR {
+            assert_eq!(o.message_at(format!("m{i}").into(), t0), Pushed::Queued);
+        }
+        assert_eq!(o.message_at("over".into(), t0), Pushed::Dropped);
+        assert_eq!(o.queued_messages(), 4 * HARD_CAP_FACTOR);
+        let t = o.take(usize::MAX);
+        assert!(t.resync, "told to sync what the cap dropped");
     }
 
     #[test]

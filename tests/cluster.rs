@@ -517,6 +517,103 @@ async fn end_to_end_through_nginx_in_front_of_two_nodes() {
     );
 }
 
+/// Heartbeats slower than the harness's, so that a busy machine does not make a node
+/// look cut off (which would rightly resync all its connections).
+const SLOW_BEAT: std::time::Duration = std::time::Duration::from_millis(300);
+const SLOW_TTL: std::time::Duration = std::time::Duration::from_millis(3000);
+
+/// node-d as a process, with the slow heartbeats and `args`.
+fn slow_process(env: &ClusterEnv, args: &[&str]) -> common::ProcessNode {
+    let (beat, ttl) = (
+        SLOW_BEAT.as_millis().to_string(),
+        SLOW_TTL.as_millis().to_string(),
+    );
+    let mut all = vec!["--heartbeat-ms", &beat, "--node-ttl-ms", &ttl];
+    all.extend_from_slice(args);
+    common::ProcessNode::start_with(&env.redis.url, &env.db, "node-d", &all)
+}
+
+/// Three nodes, one of them (node-d) to be killed, with dora on it; on the survivors,
+/// carol shares a room with dora and erin a DM, while frank and gina share a room and a
+/// DM with each other only. dora's connection is returned too: it must stay open until
+/// node-d dies.
+async fn dora_and_friends(
+    env: &ClusterEnv,
+    d: &common::ProcessNode,
+) -> (TestNode, TestNode, [Client; 5]) {
+    let node = |id| {
+        let mut s = env.settings(id);
+        (s.heartbeat, s.node_ttl) = (SLOW_BEAT, SLOW_TTL);
+        TestNode::start(s)
+    };
+    let (a, b) = (node("node-a"), node("node-b"));
+    let mut dora = Client::connect_url(&d.ws_url("dora"), "dora").await;
+    dora.join("shared").await;
+    let mut carol = Client::connect(&a, "carol").await;
+    carol.join("shared").await;
+    let erin = Client::connect(&b, "erin").await;
+    dora.direct("erin", "hi", "h1").await;
+    let mut frank = Client::connect(&a, "frank").await;
+    frank.join("elsewhere").await;
+    let mut gina = Client::connect(&b, "gina").await;
+    gina.join("elsewhere").await;
+    frank.direct("gina", "hello", "g1").await;
+    // every survivor knows where dora is
+    carol.wait_online("dora", true).await;
+    gina.wait_online("dora", true).await;
+    (a, b, [dora, carol, erin, frank, gina])
+}
+
+/// Reads until a `resync` comes.
+async fn until_resync(c: &mut Client) {
+    while c.recv().await["type"] != "resync" {}
+}
+
+/// After a node dies, the survivors resync only the connections that may have missed
+/// something (those in a conversation with one of its users: a room, a DM), whichever
+/// survivor they are on; a connection sharing nothing with them gets no `resync`.
+#[tokio::test]
+async fn a_dead_node_resyncs_only_the_conversations_of_its_users() {
+    let env = ClusterEnv::start();
+    let mut d = slow_process(&env, &[]);
+    let (_a, _b, [_dora, mut carol, mut erin, mut frank, mut gina]) =
+        dora_and_friends(&env, &d).await;
+    d.kill();
+    until_resync(&mut carol).await;
+    until_resync(&mut erin).await;
+    // Each node resyncs in one go: had frank or gina been told, it would be queued
+    // already.
+    for c in [&mut frank, &mut gina] {
+        let frames = c.drain().await;
+        assert!(
+            frames.iter().all(|f| f["type"] != "resync"),
+            "{} shares nothing with dora: {frames:?}",
+            c.uid
+        );
+    }
+}
+
+/// A node that stored a message for the server API (which may be to any conversation)
+/// and died: every connection on the survivors is told to resync.
+#[tokio::test]
+async fn a_dead_node_that_stored_api_messages_resyncs_everyone() {
+    let env = ClusterEnv::start();
+    let mut d = slow_process(&env, &["--api-key", "k"]);
+    let (_a, _b, [_dora, _, _, mut frank, mut gina]) = dora_and_friends(&env, &d).await;
+    let r = http(
+        "POST",
+        &format!("{}/api/messages", d.base),
+        &[("Authorization", "Bearer k")],
+        Some(&json!({"from":"system","to":"zed","body":"notice"}).to_string()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    d.kill();
+    until_resync(&mut frank).await;
+    until_resync(&mut gina).await;
+}
+
 #[tokio::test]
 async fn a_dead_nodes_users_are_announced_offline() {
     let env = ClusterEnv::start();

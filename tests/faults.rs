@@ -322,6 +322,66 @@ async fn a_node_frozen_past_the_ttl_resyncs_its_connections() {
     }
 }
 
+/// A peer queue that really gives up: node-p is frozen (SIGSTOP) right after node-a
+/// queued messages for it, and stays frozen until it is declared dead. node-a drops
+/// the queue (counted in `chatmesh_peer_dropped_total`); after SIGCONT node-p finds
+/// itself expelled and tells its connections to resync, after which bob has every
+/// `sent` message.
+#[tokio::test]
+async fn a_peer_queue_that_gives_up_resyncs_the_peers_connections() {
+    let env = ClusterEnv::start();
+    let a = env.node("node-a");
+    let p = env.process("node-p");
+    let mut alice = Client::connect(&a, "alice").await;
+    alice.join("hall").await;
+    let mut bob = Client::connect_url(&p.ws_url("bob"), "bob").await;
+    bob.join("hall").await;
+    let mut seen = Seen::default();
+    let mut sent = BTreeMap::<String, BTreeSet<u64>>::new();
+    let mut record = |s: &Value| {
+        sent.entry(s["conv"].as_str().unwrap().to_owned())
+            .or_default()
+            .insert(s["seq"].as_u64().unwrap());
+    };
+    // the peer path works: one message reaches bob live
+    let s = alice.direct("bob", "before", "b0").await;
+    record(&s);
+    loop {
+        let f = bob.recv().await;
+        seen.record(&f);
+        if f["type"] == "message" && f["seq"] == s["seq"] {
+            break;
+        }
+    }
+    let dropped = a.metric("chatmesh_peer_dropped_total");
+    p.pause();
+    // Within the TTL: routed to node-p, whose first POST hangs while the rest queue up.
+    for i in 0..20 {
+        record(
+            &alice
+                .direct("bob", &format!("d{i}"), &format!("d{i}"))
+                .await,
+        );
+        record(&alice.room("hall", &format!("h{i}"), &format!("h{i}")).await);
+    }
+    common::eventually("node-a gives up node-p's queue", || {
+        a.metric("chatmesh_peer_dropped_total") > dropped
+    })
+    .await;
+    p.resume();
+    let deadline = Instant::now() + common::WAIT;
+    while seen.resyncs == 0 {
+        assert!(Instant::now() < deadline, "bob was never told to resync");
+        let f = bob.recv().await;
+        seen.record(&f);
+    }
+    let convs: Vec<String> = sent.keys().cloned().collect();
+    bob.sync_into(&mut seen, &convs).await;
+    for conv in &convs {
+        assert_eq!(seen.convs.get(conv), sent.get(conv), "{conv}");
+    }
+}
+
 /// While Redis is frozen, a connection whose own requests wait on it (a join must be
 /// recorded in the directory) keeps receiving room messages, and afterwards gets its
 /// answers in the order it asked.
@@ -435,8 +495,33 @@ async fn sigterm_announces_the_nodes_users_offline() {
     }
 }
 
+/// Posts `count` room messages to `room` through node `base`'s server API at once.
+async fn api_burst(base: &str, room: &str, count: usize, tag: &str) {
+    let mut tasks = Vec::new();
+    for i in 0..count {
+        let url = format!("{base}/api/messages");
+        let body = json!({"from":"system","room":room,"body":format!("{tag} {i}"),"client_id":format!("{tag}{i}")});
+        tasks.push(tokio::spawn(async move {
+            common::http(
+                "POST",
+                &url,
+                &[("Authorization", "Bearer k")],
+                Some(&body.to_string()),
+            )
+            .await
+            .unwrap()
+            .status
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+}
+
 /// A reading client is never closed, neither by a presence storm (150 members of its
-/// three rooms coming online at once) nor by a 512-message peer batch.
+/// three rooms coming online at once), nor by a `sync` in flight meanwhile (300
+/// messages, in pages), nor by a 512-message burst from the other node, which crosses
+/// in a few peer batches (not one POST per message).
 #[tokio::test]
 async fn a_reading_client_survives_a_presence_storm_and_a_peer_burst() {
     let env = ClusterEnv::start();
@@ -458,43 +543,66 @@ async fn a_reading_client_survives_a_presence_storm_and_a_peer_burst() {
     for r in rooms {
         reader.join(r).await;
     }
-    // all 150 come online at once, on the other node
+    reader.close().await;
+    // 300 messages for the reader's sync, stored while it is away
+    api_burst(&a.base, "s2", 300, "old").await;
+    let mut reader = Client::connect(&b, "reader").await;
+    let convs: Vec<String> = rooms.iter().map(|r| format!("room:{r}")).collect();
+    let mut seen = Seen::default();
+    let sync = |seen: &Seen| {
+        let cursors: serde_json::Map<String, Value> = convs
+            .iter()
+            .map(|c| (c.clone(), json!(seen.cursor(c))))
+            .collect();
+        json!({"type":"sync","cursors":cursors})
+    };
+    // a sync in flight while all 150 come online at once, on the other node
+    reader.send(sync(&seen)).await;
     let names: Vec<String> = (0..150).map(|i| format!("m{i}")).collect();
     let crowd = futures_util::future::join_all(names.iter().map(|n| Client::connect(&a, n))).await;
-    // and 512 messages land in one room at once (one POST to node-b)
-    let mut tasks = Vec::new();
-    for i in 0..512 {
-        let url = format!("{}/api/messages", a.base);
-        tasks.push(tokio::spawn(async move {
-            common::http(
-                "POST",
-                &url,
-                &[("Authorization", "Bearer k")],
-                Some(&json!({"from":"system","room":"s1","body":format!("burst {i}"),"client_id":format!("c{i}")}).to_string()),
-            )
-            .await
-            .unwrap()
-            .status
-        }));
-    }
-    for t in tasks {
-        assert_eq!(t.await.unwrap(), 200);
-    }
-    let mut seen = Seen::default();
+    // and 512 messages land in one room at once
+    let posts = a.metric("chatmesh_peer_posts_total");
+    let crossed = a.metric("chatmesh_peer_messages_total");
+    api_burst(&a.base, "s1", 512, "burst").await;
+    let (mut syncing, mut resync_due) = (true, false);
     let deadline = Instant::now() + common::WAIT;
-    while seen.convs.get("room:s1").map_or(0, |s| s.len()) < 512 {
-        assert!(Instant::now() < deadline, "the burst did not arrive");
+    while syncing || seen.cursor("room:s1") < 512 {
+        assert!(
+            Instant::now() < deadline,
+            "the burst or the sync did not arrive"
+        );
         match reader.next_event().await {
             common::Event::Frame(f) => {
-                if f["type"] == "resync" {
-                    reader.sync_into(&mut seen, &["room:s1".into()]).await;
-                }
                 seen.record(&f);
+                resync_due |= f["type"] == "resync";
+                if f["type"] == "synced" {
+                    let more = !f["more"].as_array().is_none_or(|m| m.is_empty());
+                    syncing = more || resync_due;
+                    resync_due = false;
+                    if syncing {
+                        reader.send(sync(&seen)).await;
+                    }
+                }
             }
             common::Event::Closed(code) => panic!("a reading client was closed: {code:?}"),
         }
     }
+    assert_eq!(
+        seen.cursor("room:s2"),
+        300,
+        "the sync brought every message"
+    );
     assert_eq!(b.metric("chatmesh_slow_consumers_closed_total"), 0.0);
+    // the burst crossed in batches: 512 messages (more if the old ones were still
+    // on their way), in a few POSTs
+    let posts = a.metric("chatmesh_peer_posts_total") - posts;
+    let crossed = a.metric("chatmesh_peer_messages_total") - crossed;
+    eprintln!("the burst: {crossed} messages in {posts} peer POSTs");
+    assert!(crossed >= 512.0, "{crossed} messages crossed");
+    assert!(
+        posts * 8.0 <= crossed,
+        "{crossed} messages took {posts} POSTs"
+    );
     drop(crowd);
 }
 

@@ -295,6 +295,59 @@ async fn frame_limits_are_enforced_at_the_header() {
     assert_eq!(warm.direct("other", "still here", "w2").await["seq"], 2);
 }
 
+/// `count` connections to `node` (users `{tag}{i}`), opened 100 at a time.
+async fn connections(node: &ProcessNode, tag: &str, count: usize) -> Vec<Client> {
+    let mut all = Vec::with_capacity(count);
+    for start in (0..count).step_by(100) {
+        let uids: Vec<String> = (start..count.min(start + 100))
+            .map(|i| format!("{tag}{i}"))
+            .collect();
+        let urls: Vec<String> = uids.iter().map(|u| node.ws_url(u)).collect();
+        let opened = futures_util::future::join_all(
+            urls.iter()
+                .zip(&uids)
+                .map(|(url, uid)| Client::connect_url(url, uid)),
+        )
+        .await;
+        all.extend(opened);
+    }
+    all
+}
+
+/// Memory comes back after a connection storm: 2,000 websockets open and close, and
+/// within 30 s the node's RSS is back within 20 % of what it was before them.
+#[tokio::test]
+async fn memory_returns_after_a_connection_storm() {
+    let node = ProcessNode::single("memory:", &[]);
+    // What the first connections allocate for good (thread locals, pools) is not the
+    // storm's.
+    drop(connections(&node, "warm", 100).await);
+    common::eventually("the warm-up connections closed", || {
+        node.metric("chatmesh_connections") == 0.0
+    })
+    .await;
+    let before = node.rss_kib();
+    let storm = connections(&node, "storm", 2000).await;
+    let peak = node.rss_kib();
+    drop(storm);
+    let closed = std::time::Instant::now();
+    common::eventually_within(
+        "the node's RSS back within 20 % of before the storm",
+        Duration::from_secs(30),
+        || node.rss_kib() * 5 <= before * 6,
+    )
+    .await;
+    eprintln!(
+        "RSS before the storm {before} KiB, with 2,000 connections {peak} KiB, {} KiB {:.1} s after they closed",
+        node.rss_kib(),
+        closed.elapsed().as_secs_f64()
+    );
+    assert!(
+        peak > before + 10 * 1024,
+        "the storm cost memory: {before} -> {peak} KiB"
+    );
+}
+
 /// A text frame that is not UTF-8 closes with 1007; a bad opcode with 1002.
 #[tokio::test]
 async fn invalid_utf8_closes_with_1007_and_protocol_errors_with_1002() {

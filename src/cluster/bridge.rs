@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 
 use super::delivery::{self, Delivery};
 use super::directory::Directory;
-use super::liveness::Liveness;
+use super::liveness::{resync_after_death, Liveness, MAX_DEAD_CONVS};
 use super::queue::{Batch, Item, MembershipEvent, PresenceEvent};
 use super::upkeep::UpkeepState;
 use crate::metrics::Metrics;
@@ -312,6 +312,15 @@ impl ClusterBridge {
                     "node {}: missing from the registry or cut off; writing its directory entries again and resyncing its connections",
                     self.cfg.node_id
                 );
+                let directory = self.directory.clone();
+                ctx.spawn(
+                    async move {
+                        if let Err(e) = directory.release_own_cleanup().await {
+                            log::warn!("cannot release the cleanup claim on this node: {e}");
+                        }
+                    }
+                    .into_actor(self),
+                );
             }
             if self
                 .server
@@ -348,8 +357,9 @@ impl ClusterBridge {
     }
 
     /// Removes a dead node's entries (if no other node claimed it), announces its users
-    /// offline and tells this node's connections to sync: the dead node may have stored
-    /// messages it never delivered.
+    /// offline and tells the connections that may have missed something, here and on
+    /// every peer, to sync: the dead node may have stored messages it never delivered
+    /// (see [`resync_after_death`]).
     fn clean_up(&mut self, dead: String, ctx: &mut Context<Self>) {
         let directory = self.directory.clone();
         let store = self.store.clone();
@@ -359,39 +369,64 @@ impl ClusterBridge {
                 if !directory.claim_cleanup(&dead).await? {
                     return Ok(None);
                 }
-                let offline = directory.remove_node(&dead).await?;
+                let removed = directory.remove_node(&dead).await?;
+                let offline: std::collections::HashSet<&String> = removed.offline.iter().collect();
+                let mut convs = Some(std::collections::BTreeSet::new());
                 let mut gone = Vec::new();
-                for uid in offline {
-                    let rooms = tokio::time::timeout(PEER_TIMEOUT, store.rooms_of(&uid))
+                for uid in &removed.users {
+                    let theirs = tokio::time::timeout(PEER_TIMEOUT, store.conversations(uid))
                         .await
-                        .unwrap_or(Err(crate::store::StoreError::Timeout(PEER_TIMEOUT)))
-                        .unwrap_or_default();
-                    gone.push((uid, rooms));
+                        .unwrap_or(Err(crate::store::StoreError::Timeout(PEER_TIMEOUT)));
+                    let theirs = theirs.unwrap_or_else(|e| {
+                        log::warn!("cannot read the conversations of {uid} of dead node {dead}: {e}");
+                        convs = None;
+                        Vec::new()
+                    });
+                    if offline.contains(uid) {
+                        let rooms = theirs
+                            .iter()
+                            .filter_map(|c| match crate::protocol::Conv::parse(&c.conv) {
+                                Some(crate::protocol::Conv::Room(r)) => Some(r.to_owned()),
+                                _ => None,
+                            })
+                            .collect();
+                        gone.push((uid.clone(), rooms));
+                    }
+                    if let Some(set) = &mut convs {
+                        set.extend(theirs.into_iter().map(|c| c.conv));
+                        if set.len() > MAX_DEAD_CONVS {
+                            convs = None;
+                        }
+                    }
                 }
-                Ok::<_, crate::store::StoreError>(Some((dead, gone)))
+                let scope = resync_after_death(removed.api_sends, convs);
+                Ok::<_, crate::store::StoreError>(Some((dead, gone, scope)))
             }
             .into_actor(self)
             .map(|r, act, ctx| {
                 act.pending -= 1;
                 match r {
                     Ok(None) => {}
-                    Ok(Some((dead, gone))) => {
+                    Ok(Some((dead, gone, scope))) => {
+                        let whom = match &scope {
+                            ResyncScope::All => "every connection".to_owned(),
+                            ResyncScope::Convs(c) => format!("the connections of {} conversations", c.len()),
+                        };
                         log::warn!(
-                            "node {dead} stopped heartbeating; removed it ({} users went offline)",
+                            "node {dead} stopped heartbeating; removed it ({} users went offline); resyncing {whom} on every node",
                             gone.len()
                         );
                         for (uid, rooms) in gone {
-                            let rooms = rooms.into_iter().map(|r| r.room).collect();
                             act.announce(uid, false, rooms, ctx);
+                        }
+                        for peer in act.liveness.peers() {
+                            act.delivery.resync(&peer, &scope);
+                            act.flush(peer, ctx);
                         }
                         let server = act.server.clone();
                         ctx.spawn(
                             async move {
-                                let _ = server
-                                    .send(Resync {
-                                        scope: ResyncScope::All,
-                                    })
-                                    .await;
+                                let _ = server.send(Resync { scope }).await;
                             }
                             .into_actor(act),
                         );

@@ -11,7 +11,7 @@ use tokio::sync::oneshot;
 
 use super::queue::{Batch, Item, MembershipEvent, PeerQueue, PresenceEvent};
 use crate::protocol::Conv;
-use crate::server::PeerEvent;
+use crate::server::{PeerEvent, ResyncScope};
 
 /// Most items in one POST.
 pub const MAX_BATCH: usize = 512;
@@ -129,6 +129,15 @@ impl Delivery {
 
     pub fn event(&mut self, node: &str, item: Item, ack: Option<oneshot::Sender<bool>>) {
         self.queue(node).push(item, ack);
+    }
+
+    /// Tells `node`, with its next batch, to resync the connections in `scope`.
+    pub fn resync(&mut self, node: &str, scope: &ResyncScope) {
+        let q = self.queue(node);
+        match scope {
+            ResyncScope::All => q.lose_all(),
+            ResyncScope::Convs(convs) => convs.iter().for_each(|c| q.lose(c)),
+        }
     }
 
     pub fn take(&mut self, node: &str, now: Instant) -> Option<Batch> {

@@ -306,6 +306,18 @@ fn flag_and_count(v: &Value) -> Option<(bool, i64)> {
     }
 }
 
+/// What a removed node held.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Removed {
+    /// Every user with a connection on it.
+    pub users: Vec<String>,
+    /// Those of them with no connection left anywhere.
+    pub offline: Vec<String>,
+    /// It stored messages for the server API lately (see [`Directory::note_api_sends`]):
+    /// some may be to any conversation and undelivered.
+    pub api_sends: bool,
+}
+
 impl Directory {
     /// Connects twice: one connection for heartbeats, one for everything else.
     pub async fn connect(url: &str, node_id: &str, t: Timeouts) -> Result<Self, StoreError> {
@@ -530,11 +542,34 @@ impl Directory {
         Ok(claimed.is_some())
     }
 
-    /// Removes every trace of node `id`; answers the users who now have no
-    /// connection anywhere. The registry entry goes last, so a node that comes back
-    /// meanwhile finds itself missing at its next heartbeat and writes its entries
-    /// again.
-    pub async fn remove_node(&self, id: &str) -> Result<Vec<String>, StoreError> {
+    /// Notes, for `window`, that this node stores messages for the server API (see
+    /// [`Removed::api_sends`]).
+    pub async fn note_api_sends(&self, window: Duration) -> Result<(), StoreError> {
+        redis::cmd("SET")
+            .arg(keys::api_sends(&self.node_id))
+            .arg(1)
+            .arg("PX")
+            .arg(window.as_millis() as u64)
+            .query_async::<()>(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)
+    }
+
+    /// Lets go of the cleanup claim on this node: it was declared dead and is back, so
+    /// should it really die now it must be cleaned up at once, not once the old claim
+    /// expires.
+    pub async fn release_own_cleanup(&self) -> Result<(), StoreError> {
+        redis::cmd("DEL")
+            .arg(keys::cleanup(&self.node_id))
+            .query_async::<()>(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)
+    }
+
+    /// Removes every trace of node `id`; answers what it held. The registry entry goes
+    /// last, so a node that comes back meanwhile finds itself missing at its next
+    /// heartbeat and writes its entries again.
+    pub async fn remove_node(&self, id: &str) -> Result<Removed, StoreError> {
         let mut read = Steps::default();
         read.push(
             redis::cmd("SMEMBERS").arg(keys::node_users(id)).clone(),
@@ -546,7 +581,13 @@ impl Directory {
             Some(keys::node_rooms(id)),
             0,
         );
+        read.push(
+            redis::cmd("GET").arg(keys::api_sends(id)).clone(),
+            Some(keys::api_sends(id)),
+            0,
+        );
         let had = read.run(&self.conn).await?;
+        let api_sends = !matches!(had.get(2), None | Some(Value::Nil));
         let list = |v: Option<&Value>| -> Result<Vec<String>, StoreError> {
             v.map(redis::from_redis_value_ref)
                 .transpose()
@@ -571,14 +612,24 @@ impl Directory {
             Some(keys::node_rooms(id)),
             1,
         );
+        steps.push(
+            redis::cmd("DEL").arg(keys::api_sends(id)).clone(),
+            Some(keys::api_sends(id)),
+            1,
+        );
         set_cmd(&mut steps, "HDEL", keys::node_addrs(), id, 1);
         set_cmd(&mut steps, "ZREM", keys::nodes(), id, 2);
         let replies = steps.run(&self.conn).await?;
-        Ok(users
-            .into_iter()
+        let offline = users
+            .iter()
             .zip(replies.iter())
             .filter(|(_, r)| matches!(flag_and_count(r), Some((true, 0))))
-            .map(|(uid, _)| uid)
-            .collect())
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        Ok(Removed {
+            users,
+            offline,
+            api_sends,
+        })
     }
 }

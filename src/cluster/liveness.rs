@@ -8,11 +8,30 @@
 //! it up, and it could not record its own changes). Either way the node writes its
 //! directory entries again and tells every connection to sync.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use super::directory::Heartbeat;
+use crate::server::ResyncScope;
+
+/// Most conversations a dead node's users may name before every connection is told to
+/// resync instead (as many as a peer batch names).
+pub const MAX_DEAD_CONVS: usize = super::queue::MAX_NAMED_RESYNC;
+
+/// Whom to tell to resync after a node died. Its users' conversations (every DM and
+/// room they take part in): a message one of them sent may have been stored and never
+/// delivered. Everyone when that does not bound it: the node stored messages for the
+/// server API lately (they may be to any conversation), or some user's conversations
+/// could not be read (`convs` is None), or they are more than [`MAX_DEAD_CONVS`].
+pub fn resync_after_death(api_sends: bool, convs: Option<BTreeSet<String>>) -> ResyncScope {
+    match convs {
+        Some(convs) if !api_sends && convs.len() <= MAX_DEAD_CONVS => {
+            ResyncScope::Convs(convs.into_iter().collect())
+        }
+        _ => ResyncScope::All,
+    }
+}
 
 /// The live table, shared with the [`super::Cluster`] handle: node id -> peer API URL.
 pub type LiveTable = Arc<RwLock<HashMap<String, String>>>;
@@ -122,6 +141,24 @@ mod tests {
         assert_eq!(o.gone, vec!["b"]);
         assert_eq!(o.dead, vec!["b"]);
         assert!(!l.is_live("b"));
+    }
+
+    #[test]
+    fn after_a_death_the_users_conversations_or_everyone() {
+        let convs: BTreeSet<String> = ["dm:a:b".to_string(), "room:r".to_string()].into();
+        assert_eq!(
+            resync_after_death(false, Some(convs.clone())),
+            ResyncScope::Convs(vec!["dm:a:b".into(), "room:r".into()])
+        );
+        assert_eq!(
+            resync_after_death(false, Some(BTreeSet::new())),
+            ResyncScope::Convs(vec![]),
+            "no users: nobody"
+        );
+        assert_eq!(resync_after_death(true, Some(convs)), ResyncScope::All);
+        assert_eq!(resync_after_death(false, None), ResyncScope::All);
+        let many = (0..=MAX_DEAD_CONVS).map(|i| format!("room:r{i}")).collect();
+        assert_eq!(resync_after_death(false, Some(many)), ResyncScope::All);
     }
 
     #[test]

@@ -40,6 +40,9 @@ use crate::store::{SharedStore, StoreError};
 
 /// How long shutdown waits for directory writes and in-flight peer deliveries.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a note of this node's server-API sends lives in Redis; renewed once half
+/// of it has passed (see [`Cluster::note_api_send`]).
+pub const API_SENDS_WINDOW: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -58,9 +61,36 @@ pub struct Cluster {
     registered: Arc<AtomicBool>,
     timeout: Duration,
     ttl_ms: u64,
+    /// When this node last noted its server-API sends in Redis.
+    api_noted: Arc<std::sync::Mutex<Option<Instant>>>,
 }
 
 impl Cluster {
+    /// Called before a message for the server API is stored: such a message may be to
+    /// any conversation, so if this node dies before delivering it, the survivors
+    /// cannot tell whom to resync by its users alone. Notes in Redis (at most once per
+    /// half [`API_SENDS_WINDOW`]) that it stores them; while the note lives, its death
+    /// resyncs every connection.
+    pub async fn note_api_send(&self) {
+        let lock = || self.api_noted.lock().unwrap_or_else(|p| p.into_inner());
+        if lock().is_some_and(|t| t.elapsed() < API_SENDS_WINDOW / 2) {
+            return;
+        }
+        let started = Instant::now();
+        match within(
+            self.timeout,
+            self.directory.note_api_sends(API_SENDS_WINDOW),
+        )
+        .await
+        {
+            Ok(()) => *lock() = Some(started),
+            Err(e) => log::warn!(
+                "cannot note this node's server-API sends in Redis ({e}); should it die now, \
+                 the survivors resync only its users' conversations"
+            ),
+        }
+    }
+
     pub fn registered(&self) -> bool {
         self.registered.load(Ordering::Relaxed)
     }
@@ -236,5 +266,6 @@ pub async fn start(
         registered,
         timeout: settings.store_timeout,
         ttl_ms: settings.node_ttl.as_millis() as u64,
+        api_noted: Arc::default(),
     })
 }

@@ -52,6 +52,9 @@ pub const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// Conversations remembered as lost before the peer is told to resync everyone.
 pub const MAX_LOST: usize = 256;
+/// Conversations a peer may be told by name to resync (after a node died, see
+/// [`PeerQueue::lose`]) before it is told to resync everyone.
+pub const MAX_NAMED_RESYNC: usize = 10_000;
 
 /// What one POST carries.
 #[derive(Debug, Default)]
@@ -118,14 +121,26 @@ impl PeerQueue {
         if self.push(Item::Message(json), None) {
             return true;
         }
-        self.mark_lost(conv);
+        self.mark_lost(conv, MAX_LOST);
         false
     }
 
-    fn mark_lost(&mut self, conv: &str) {
+    /// Tells the peer to resync the connections of `conv` with the next batch (up to
+    /// [`MAX_NAMED_RESYNC`] conversations; beyond, everyone).
+    pub fn lose(&mut self, conv: &str) {
+        self.mark_lost(conv, MAX_NAMED_RESYNC);
+    }
+
+    /// Tells the peer to resync every connection with the next batch.
+    pub fn lose_all(&mut self) {
+        self.lost.clear();
+        self.lost_all = true;
+    }
+
+    fn mark_lost(&mut self, conv: &str, max: usize) {
         if !self.lost_all {
             self.lost.insert(conv.to_owned());
-            if self.lost.len() > MAX_LOST {
+            if self.lost.len() > max {
                 self.lost.clear();
                 self.lost_all = true;
             }
@@ -192,7 +207,7 @@ impl PeerQueue {
             self.lost.clear();
         } else {
             for conv in batch.lost {
-                self.mark_lost(&conv);
+                self.mark_lost(&conv, MAX_NAMED_RESYNC);
             }
         }
         self.failures = self.failures.saturating_add(1);
@@ -283,6 +298,19 @@ mod tests {
         let b = q.take_batch(10, now + MAX_BACKOFF).unwrap();
         assert!(b.lost_all, "too many lost conversations: resync everyone");
         assert_eq!(q.clear(), 0);
+        // a dead node's conversations are named up to a larger bound
+        q.succeeded(&b);
+        for i in 0..MAX_LOST + 4 {
+            q.lose(&format!("c{i}"));
+        }
+        let b = q.take_batch(10, now + MAX_BACKOFF).unwrap();
+        assert_eq!((b.lost.len(), b.lost_all), (MAX_LOST + 4, false));
+        q.succeeded(&b);
+        for i in 0..=MAX_NAMED_RESYNC {
+            q.lose(&format!("c{i}"));
+        }
+        let b = q.take_batch(10, now + MAX_BACKOFF).unwrap();
+        assert!(b.lost_all && b.lost.is_empty());
     }
 
     #[test]

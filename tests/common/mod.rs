@@ -602,8 +602,13 @@ pub enum Event {
 }
 
 /// Polls `cond` until true, failing after `WAIT`.
-pub async fn eventually<F: FnMut() -> bool>(what: &str, mut cond: F) {
-    let deadline = Instant::now() + WAIT;
+pub async fn eventually<F: FnMut() -> bool>(what: &str, cond: F) {
+    eventually_within(what, WAIT, cond).await
+}
+
+/// Polls `cond` until true, failing after `wait`.
+pub async fn eventually_within<F: FnMut() -> bool>(what: &str, wait: Duration, mut cond: F) {
+    let deadline = Instant::now() + wait;
     while !cond() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -750,23 +755,42 @@ impl ProcessNode {
         self.child.id()
     }
 
+    pub fn metric(&self, name: &str) -> f64 {
+        metric_value(
+            &http_blocking("GET", &format!("{}/metrics", self.base), &[], None)
+                .unwrap()
+                .body,
+            name,
+        )
+    }
+
     /// Starts the binary on port 0 for both listeners and learns its address from its
     /// `listening on` log line, so no other test can take the port in between.
     pub fn start(redis_url: &str, database_url: &str, node_id: &str) -> ProcessNode {
+        ProcessNode::start_with(redis_url, database_url, node_id, &[])
+    }
+
+    /// [`ProcessNode::start`] with `args` added (with `--heartbeat-ms` among them, they
+    /// give the heartbeat and TTL instead of the fast ones).
+    pub fn start_with(
+        redis_url: &str,
+        database_url: &str,
+        node_id: &str,
+        args: &[&str],
+    ) -> ProcessNode {
         let mut proc = LoggedProcess::spawn(
             chatmesh_on_port_0()
                 .args(["--redis-url", redis_url])
                 .args(["--database-url", database_url])
                 .args(["--cluster-secret", "test-cluster-secret"])
                 .args(["--node-id", node_id])
-                .args([
-                    "--heartbeat-ms",
-                    "100",
-                    "--node-ttl-ms",
-                    "1000",
-                    "--workers",
-                    "1",
-                ])
+                .args(if args.contains(&"--heartbeat-ms") {
+                    &[][..]
+                } else {
+                    &["--heartbeat-ms", "100", "--node-ttl-ms", "1000"][..]
+                })
+                .args(["--workers", "1"])
+                .args(args)
                 .env("RUST_LOG", "warn,chatmesh=info"),
         );
         let addr = proc.public_address();
