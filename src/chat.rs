@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use bytestring::ByteString;
 
 use crate::cluster::Cluster;
 use crate::config::Limits;
@@ -20,7 +21,7 @@ use crate::protocol::{
     MAX_CLIENT_ID_LEN, MAX_HISTORY_LIMIT, MAX_PRESENCE_UIDS, SYNC_LATEST, SYNC_PAGE,
 };
 use crate::registry::SessionId;
-use crate::server::{ChatServer, ConvEvent, Fanout, LocalOnline, Membership, Subscribe};
+use crate::server::{Answer, ChatServer, ConvEvent, Fanout, LocalOnline, Membership, Subscribe};
 use crate::store::{
     By, Change, Joined, MarkKind, NewMessage, NewRoom, Page, Range, ReadRequest, Refusal, Role,
     RoomInfo, SharedStore, StoreError,
@@ -340,43 +341,48 @@ impl Chat {
     }
 
     /// `join`: member of a public room, or owner of a new one (contract section 7).
-    /// Also answers whether the user is still a member when the join is applied here
-    /// (false: removed in between, and `origin` is owed a `left` after its `joined`).
+    /// `origin` is answered once the change is in force on every node (see [`Answer`]).
     pub async fn join(
         &self,
         uid: &str,
         room: &str,
         origin: Option<SessionId>,
-    ) -> Result<(Joined, bool), ChatError> {
+    ) -> Result<Joined, ChatError> {
         Self::check_room(room)?;
         let joined = self.call(self.store.join(uid, room)).await?;
-        let holds = self
-            .follow(uid, room, true, Some(joined.members), None, origin)
+        let answer = ServerFrame::Joined {
+            room,
+            role: joined.created.then_some(joined.role.as_str()),
+            private: joined.created.then_some(joined.private),
+            by: None,
+        };
+        let origin = origin.map(|sid| (sid, answer.to_text()));
+        self.follow(uid, room, true, Some(joined.members), None, origin)
             .await?;
-        Ok((joined, holds))
+        Ok(joined)
     }
 
-    /// `leave`. Answers whether the user is still out when the change is applied here
-    /// (false: added again in between, and `origin` is owed a `joined` after its `left`).
+    /// `leave`; `origin` is answered like a join's.
     pub async fn leave(
         &self,
         uid: &str,
         room: &str,
         origin: Option<SessionId>,
-    ) -> Result<bool, ChatError> {
+    ) -> Result<(), ChatError> {
         Self::check_room(room)?;
         self.call(self.store.leave(uid, room)).await?;
+        let origin = origin.map(|sid| (sid, ServerFrame::Left { room, by: None }.to_text()));
         self.follow(uid, room, false, None, None, origin).await
     }
 
-    /// `create` (a user: they own it) or `POST /api/rooms` (the server). Also answers
-    /// whether the creating user was still a member when it was applied here.
+    /// `create` (a user: they own it, and `origin` is answered like a join's) or
+    /// `POST /api/rooms` (the server).
     pub async fn create(
         &self,
         by: &By,
         room: NewRoom,
         origin: Option<SessionId>,
-    ) -> Result<(RoomInfo, bool), ChatError> {
+    ) -> Result<RoomInfo, ChatError> {
         Self::check_room(&room.room)?;
         if let Some(bad) = room
             .owners
@@ -389,20 +395,23 @@ impl Chat {
                 bad.chars().take(70).collect::<String>()
             )));
         }
-        let info = self.call(self.store.create_room(by, room)).await?;
-        let mut creator_holds = true;
+        let mut info = self.call(self.store.create_room(by, room)).await?;
         for uid in &info.members {
             let by_user = by.user().filter(|u| *u != uid.as_str());
-            let creator = by.user() == Some(uid);
-            let origin = if creator { origin } else { None };
-            let holds = self
-                .follow(uid, &info.room, true, Some(info.count), by_user, origin)
+            let origin = origin.filter(|_| by.user() == Some(uid)).map(|sid| {
+                let answer = ServerFrame::Joined {
+                    room: &info.room,
+                    role: Some(Role::Owner.as_str()),
+                    private: Some(info.private),
+                    by: None,
+                };
+                (sid, answer.to_text())
+            });
+            self.follow(uid, &info.room, true, Some(info.count), by_user, origin)
                 .await?;
-            creator_holds &= holds || !creator;
         }
-        let mut info = info;
         info.members.truncate(ROOM_INFO_MEMBERS);
-        Ok((info, creator_holds))
+        Ok(info)
     }
 
     /// `add` (owners) or `PUT /api/rooms/R/members/U` (the server).
@@ -416,7 +425,6 @@ impl Chat {
             .await?;
         self.follow(uid, room, true, Some(added.members), by.user(), None)
             .await
-            .map(drop)
     }
 
     /// `remove` (owners) or `DELETE /api/rooms/R/members/U` (the server). The removal
@@ -431,7 +439,6 @@ impl Chat {
             .await?;
         self.follow(uid, room, false, Some(removed.members), by.user(), None)
             .await
-            .map(drop)
     }
 
     /// `room_info`.
@@ -445,9 +452,7 @@ impl Chat {
     /// Makes every node's sessions of `uid` follow a membership the store holds: this
     /// node's first (and its directory entry, before the caller answers, so every room
     /// message stored afterwards is routed here), then the other nodes holding the
-    /// user's connections. Answers whether the change still held when it was applied
-    /// here (false: a later change of the same membership overtook it, and the caller
-    /// owes its connection the correction after its own answer).
+    /// user's connections; then `origin`, the connection that asked, gets its answer.
     async fn follow(
         &self,
         uid: &str,
@@ -455,21 +460,34 @@ impl Chat {
         joined: bool,
         members: Option<u64>,
         by: Option<&str>,
-        origin: Option<SessionId>,
-    ) -> Result<bool, ChatError> {
+        origin: Option<(SessionId, ByteString)>,
+    ) -> Result<(), ChatError> {
         let change = Membership {
             uid: uid.to_owned(),
             room: room.to_owned(),
             joined,
             members,
             by: by.map(str::to_owned),
-            origin,
+            origin: origin.as_ref().map(|(sid, _)| *sid),
         };
-        let holds = self.apply_membership(change.clone()).await?;
+        self.apply_membership(change.clone()).await?;
         if let Some(cluster) = &self.cluster {
             cluster.membership(change).await;
         }
-        Ok(holds)
+        if let Some((sid, frame)) = origin {
+            let answer = Answer {
+                sid,
+                uid: uid.to_owned(),
+                room: room.to_owned(),
+                joined,
+                frame,
+            };
+            self.server
+                .send(answer)
+                .await
+                .map_err(|e| ChatError::Unavailable(e.to_string()))?;
+        }
+        Ok(())
     }
 
     /// Applies a membership change to this node's sessions and directory entry, from
@@ -480,29 +498,31 @@ impl Chat {
     /// the store has it when its turn comes, one at a time: whatever order the events
     /// come in, the last one applied shows the store's latest word, and a stale join
     /// can never undo a removal here. When the store cannot say in time, the change is
-    /// applied as announced. Answers whether the store still agreed with it.
-    pub async fn apply_membership(&self, mut change: Membership) -> Result<bool, ChatError> {
-        let claimed = change.joined;
+    /// applied as announced.
+    pub async fn apply_membership(&self, mut change: Membership) -> Result<(), ChatError> {
         let recorded = {
             let _turn = self.membership_order.lock().await;
             match self.call(self.store.role(&change.uid, &change.room)).await {
-                Ok(role) => change.joined = role.is_some(),
+                Ok(role) => {
+                    let member = role.is_some();
+                    if member != change.joined {
+                        log::debug!(
+                            "membership of {} in {} changed again before it was applied here",
+                            change.uid,
+                            change.room
+                        );
+                        change.joined = member;
+                        change.by = None;
+                    }
+                }
                 Err(e) => log::warn!(
                     "cannot read the membership of {} in {} ({e}); applying the change as announced",
                     change.uid,
                     change.room
                 ),
             }
-            if change.joined != claimed {
-                log::debug!(
-                    "membership of {} in {} changed again before it was applied here",
-                    change.uid,
-                    change.room
-                );
-                change.by = None;
-            }
             self.server
-                .send(change.clone())
+                .send(change)
                 .await
                 .map_err(|e| ChatError::Unavailable(e.to_string()))?
         };
@@ -516,7 +536,7 @@ impl Chat {
                 ));
             }
         }
-        Ok(change.joined == claimed)
+        Ok(())
     }
 
     /// The rooms of `uid` with their sizes.

@@ -826,7 +826,7 @@ async fn api_create_room(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let b: ApiRoom = required_json_body(&req, payload).await?;
-    let (info, _) = state
+    let info = state
         .chat
         .create(
             &By::Server,

@@ -71,7 +71,7 @@ pub struct Disconnect {
 }
 
 /// A membership change the store has already accepted: this node's sessions of `uid`
-/// follow it, and get `joined` / `left` (all but `origin`, which answers itself).
+/// follow it, and get `joined` / `left` (all but `origin`, which gets its [`Answer`]).
 /// Answers, in cluster mode, a receiver that resolves once the directory records it.
 #[derive(Message, Clone)]
 #[rtype(result = "Option<oneshot::Receiver<bool>>")]
@@ -83,7 +83,24 @@ pub struct Membership {
     pub members: Option<u64>,
     /// The owner who added or removed them.
     pub by: Option<String>,
+    /// The connection whose own `join`, `leave` or `create` this is: it gets
+    /// [`Answer`] instead, once the change is in force on every node.
     pub origin: Option<SessionId>,
+}
+
+/// The answer to a connection's own `join`, `leave` or `create`, sent once the change
+/// is in force on every node. It goes through the ChatServer, like the frames of other
+/// changes, so it stays in order with them: if a later change of the membership was
+/// applied here first, the connection is told where it really stands right after.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Answer {
+    pub sid: SessionId,
+    pub uid: String,
+    pub room: String,
+    /// What the answer says: a member (`joined`) or not (`left`).
+    pub joined: bool,
+    pub frame: ByteString,
 }
 
 /// Delivers a stored message to the local sessions that should get it.
@@ -470,6 +487,41 @@ impl Handler<Membership> for ChatServer {
         }
         self.cluster.as_ref()?;
         self.record(change.into_iter().collect())
+    }
+}
+
+impl Handler<Answer> for ChatServer {
+    type Result = ();
+
+    fn handle(&mut self, msg: Answer, _: &mut Context<Self>) {
+        let Some((_, h)) = self
+            .registry
+            .sessions_of(&msg.uid)
+            .find(|(sid, _)| *sid == msg.sid)
+        else {
+            return;
+        };
+        h.outbox.control(msg.frame);
+        let member = self.registry.is_member(&msg.uid, &msg.room);
+        if member != msg.joined {
+            // Overtaken by a later change: where the user stands, as their other
+            // connections heard it.
+            h.outbox.control(if member {
+                ServerFrame::Joined {
+                    room: &msg.room,
+                    role: None,
+                    private: None,
+                    by: None,
+                }
+                .to_text()
+            } else {
+                ServerFrame::Left {
+                    room: &msg.room,
+                    by: None,
+                }
+                .to_text()
+            });
+        }
     }
 }
 

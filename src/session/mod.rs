@@ -136,25 +136,6 @@ impl WsSession {
         self.outbox.control(frame.to_text());
     }
 
-    /// After answering its own `join`/`create` (or `leave`): when another change of the
-    /// membership overtook it before it was applied (`holds` false), the connection is
-    /// told where it really stands, as the user's other connections were.
-    fn overtaken(&self, room: &str, holds: bool, left: bool) {
-        if holds {
-            return;
-        }
-        self.write(if left {
-            ServerFrame::Joined {
-                room,
-                role: None,
-                private: None,
-                by: None,
-            }
-        } else {
-            ServerFrame::Left { room, by: None }
-        });
-    }
-
     fn error(&self, code: ErrorCode, message: &str, client_id: Option<&str>) {
         log::debug!(
             "session {} ({}): {} {}",
@@ -343,40 +324,24 @@ impl WsSession {
                 body,
                 client_id,
             } => self.send(Target::Room(room), body, client_id, ctx),
+            // A successful join, leave or create is answered by the ChatServer, with the
+            // change itself (chat::Origin), so the answer comes before any later change.
             ClientFrame::Join { room } => self.run(
                 ctx,
-                async move {
-                    let r = chat.join(&uid, &room, Some(sid)).await;
-                    (r, room)
-                },
-                |act, (r, room)| match r {
-                    Ok((j, holds)) => {
-                        act.write(ServerFrame::Joined {
-                            room: &room,
-                            role: j.created.then_some(j.role.as_str()),
-                            private: j.created.then_some(j.private),
-                            by: None,
-                        });
-                        act.overtaken(&room, holds, false);
+                async move { chat.join(&uid, &room, Some(sid)).await },
+                |act, r| {
+                    if let Err(e) = r {
+                        act.chat_error(&e, None);
                     }
-                    Err(e) => act.chat_error(&e, None),
                 },
             ),
             ClientFrame::Leave { room } => self.run(
                 ctx,
-                async move {
-                    let r = chat.leave(&uid, &room, Some(sid)).await;
-                    (r, room)
-                },
-                |act, (r, room)| match r {
-                    Ok(holds) => {
-                        act.write(ServerFrame::Left {
-                            room: &room,
-                            by: None,
-                        });
-                        act.overtaken(&room, holds, true);
+                async move { chat.leave(&uid, &room, Some(sid)).await },
+                |act, r| {
+                    if let Err(e) = r {
+                        act.chat_error(&e, None);
                     }
-                    Err(e) => act.chat_error(&e, None),
                 },
             ),
             ClientFrame::Create { room, private } => self.run(
@@ -390,17 +355,10 @@ impl WsSession {
                     };
                     chat.create(&By::User(uid), new, Some(sid)).await
                 },
-                |act, r| match r {
-                    Ok((info, holds)) => {
-                        act.write(ServerFrame::Joined {
-                            room: &info.room,
-                            role: Some(Role::Owner.as_str()),
-                            private: Some(info.private),
-                            by: None,
-                        });
-                        act.overtaken(&info.room, holds, false);
+                |act, r| {
+                    if let Err(e) = r {
+                        act.chat_error(&e, None);
                     }
-                    Err(e) => act.chat_error(&e, None),
                 },
             ),
             ClientFrame::Add {
