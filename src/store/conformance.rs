@@ -596,6 +596,11 @@ async fn room_messages_need_membership(store: Arc<dyn Store>) {
     let mut from_server = room("system", "lobby", "notice", None);
     from_server.by = By::Server;
     assert_eq!(store.append(from_server).await.unwrap().message.seq, 2);
+    assert_eq!(
+        store.role("system", "lobby").await.unwrap(),
+        None,
+        "posting as the server makes no member"
+    );
     store.leave("alice", "lobby").await.unwrap();
     assert!(matches!(
         refused(store.append(room("alice", "lobby", "bye", None)).await),
@@ -854,6 +859,13 @@ async fn edits_and_deletes(store: Arc<dyn Store>) {
         .append(delete(By::Server, &dm1.conv, dm1.seq))
         .await
         .unwrap();
+    let receipts = store.receipts(&dm1.conv).await.unwrap();
+    let uids: Vec<&str> = receipts.iter().map(|r| r.uid.as_str()).collect();
+    assert_eq!(
+        uids,
+        vec!["bob", "carol"],
+        "the moderator is no participant"
+    );
     let dm2 = store
         .append(dm("bob", "carol", "y", None))
         .await

@@ -661,8 +661,16 @@ where
             w.dm_members.push((msg.conv.clone(), a.to_owned(), 0));
             w.dm_members.push((msg.conv.clone(), b.to_owned(), 0));
         }
-        w.sender_marks
-            .insert((msg.conv.clone(), msg.from.clone()), seq);
+        // Sending marks the message read by its sender, if a participant: the server
+        // API posts and moderates under names that are none (no member row is made).
+        let participant = match Conv::parse(&msg.conv) {
+            Some(dm @ Conv::Dm(..)) => dm.dm_includes(&msg.from),
+            _ => view.sender_role.is_some(),
+        };
+        if participant {
+            w.sender_marks
+                .insert((msg.conv.clone(), msg.from.clone()), seq);
+        }
         match msg.change {
             Some(Change::Edit(t)) => {
                 w.edits.insert((msg.conv.clone(), t), message.body.clone());
