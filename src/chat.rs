@@ -348,6 +348,9 @@ impl Chat {
         let holds = self
             .follow(uid, room, true, Some(joined.members), None, origin)
             .await?;
+        if holds {
+            self.joining_mark(uid, room, joined.marked, origin).await;
+        }
         Ok((joined, holds))
     }
 
@@ -384,7 +387,8 @@ impl Chat {
                 bad.chars().take(70).collect::<String>()
             )));
         }
-        let info = self.call(self.store.create_room(by, room)).await?;
+        let created = self.call(self.store.create_room(by, room)).await?;
+        let info = created.info;
         let mut creator_holds = true;
         for uid in &info.members {
             let by_user = by.user().filter(|u| *u != uid.as_str());
@@ -393,6 +397,10 @@ impl Chat {
             let holds = self
                 .follow(uid, &info.room, true, Some(info.count), by_user, origin)
                 .await?;
+            if holds {
+                self.joining_mark(uid, &info.room, created.marked, origin)
+                    .await;
+            }
             creator_holds &= holds || !creator;
         }
         let mut info = info;
@@ -409,9 +417,30 @@ impl Chat {
         let added = self
             .call(self.store.add_member(by, room, uid, role))
             .await?;
-        self.follow(uid, room, true, Some(added.members), by.user(), None)
-            .await
-            .map(drop)
+        let holds = self
+            .follow(uid, room, true, Some(added.members), by.user(), None)
+            .await?;
+        if holds {
+            self.joining_mark(uid, room, added.marked, None).await;
+        }
+        Ok(())
+    }
+
+    /// Pushes the read mark the store gave a new member (their history is not unread)
+    /// exactly as an explicit `read` to that seq would be: to the others, not to the
+    /// connection that joined. After [`Chat::follow`], so every node routes it to the
+    /// room's connections, the new member's included.
+    async fn joining_mark(
+        &self,
+        uid: &str,
+        room: &str,
+        marked: Option<u64>,
+        origin: Option<SessionId>,
+    ) {
+        if let Some(seq) = marked {
+            self.push_mark(&room_conv(room), uid, MarkKind::Read, seq, origin)
+                .await;
+        }
     }
 
     /// `remove` (owners) or `DELETE /api/rooms/R/members/U` (the server). The removal
@@ -691,13 +720,26 @@ impl Chat {
         let Some(seq) = self.call(self.store.mark(uid, conv, kind, seq)).await? else {
             return Ok(());
         };
+        self.push_mark(conv, uid, kind, seq, origin).await;
+        Ok(())
+    }
+
+    /// Pushes a stored mark to the user's other connections and the other participants
+    /// (rooms: up to the live size), on every node.
+    async fn push_mark(
+        &self,
+        conv: &str,
+        uid: &str,
+        kind: MarkKind,
+        seq: u64,
+        origin: Option<SessionId>,
+    ) {
         let frame = match kind {
             MarkKind::Read => ServerFrame::Read { conv, uid, seq },
             MarkKind::Delivered => ServerFrame::Delivered { conv, uid, seq },
         };
         self.event(conv, uid, frame.to_text(), false, origin, false)
             .await;
-        Ok(())
     }
 
     /// `typing`: forwarded live to the other participants, at most once a second per
