@@ -356,9 +356,10 @@ impl Chat {
             private: joined.created.then_some(joined.private),
             by: None,
         };
-        let origin = origin.map(|sid| (sid, answer.to_text()));
-        self.follow(uid, room, true, Some(joined.members), None, origin)
+        let answer = origin.map(|sid| (sid, answer.to_text()));
+        self.follow(uid, room, true, Some(joined.members), None, answer)
             .await?;
+        self.joining_mark(uid, room, joined.marked, origin).await;
         Ok(joined)
     }
 
@@ -395,10 +396,12 @@ impl Chat {
                 bad.chars().take(70).collect::<String>()
             )));
         }
-        let mut info = self.call(self.store.create_room(by, room)).await?;
+        let created = self.call(self.store.create_room(by, room)).await?;
+        let mut info = created.info;
         for uid in &info.members {
             let by_user = by.user().filter(|u| *u != uid.as_str());
-            let origin = origin.filter(|_| by.user() == Some(uid)).map(|sid| {
+            let origin = origin.filter(|_| by.user() == Some(uid));
+            let answer = origin.map(|sid| {
                 let answer = ServerFrame::Joined {
                     room: &info.room,
                     role: Some(Role::Owner.as_str()),
@@ -407,8 +410,10 @@ impl Chat {
                 };
                 (sid, answer.to_text())
             });
-            self.follow(uid, &info.room, true, Some(info.count), by_user, origin)
+            self.follow(uid, &info.room, true, Some(info.count), by_user, answer)
                 .await?;
+            self.joining_mark(uid, &info.room, created.marked, origin)
+                .await;
         }
         info.members.truncate(ROOM_INFO_MEMBERS);
         Ok(info)
@@ -424,7 +429,26 @@ impl Chat {
             .call(self.store.add_member(by, room, uid, role))
             .await?;
         self.follow(uid, room, true, Some(added.members), by.user(), None)
-            .await
+            .await?;
+        self.joining_mark(uid, room, added.marked, None).await;
+        Ok(())
+    }
+
+    /// Pushes the read mark the store gave a new member (their history is not unread)
+    /// exactly as an explicit `read` to that seq would be: to the others, not to the
+    /// connection that joined. After [`Chat::follow`], so every node routes it to the
+    /// room's connections, the new member's included.
+    async fn joining_mark(
+        &self,
+        uid: &str,
+        room: &str,
+        marked: Option<u64>,
+        origin: Option<SessionId>,
+    ) {
+        if let Some(seq) = marked {
+            self.push_mark(&room_conv(room), uid, MarkKind::Read, seq, origin)
+                .await;
+        }
     }
 
     /// `remove` (owners) or `DELETE /api/rooms/R/members/U` (the server). The removal
@@ -716,13 +740,26 @@ impl Chat {
         let Some(seq) = self.call(self.store.mark(uid, conv, kind, seq)).await? else {
             return Ok(());
         };
+        self.push_mark(conv, uid, kind, seq, origin).await;
+        Ok(())
+    }
+
+    /// Pushes a stored mark to the user's other connections and the other participants
+    /// (rooms: up to the live size), on every node.
+    async fn push_mark(
+        &self,
+        conv: &str,
+        uid: &str,
+        kind: MarkKind,
+        seq: u64,
+        origin: Option<SessionId>,
+    ) {
         let frame = match kind {
             MarkKind::Read => ServerFrame::Read { conv, uid, seq },
             MarkKind::Delivered => ServerFrame::Delivered { conv, uid, seq },
         };
         self.event(conv, uid, frame.to_text(), false, origin, false)
             .await;
-        Ok(())
     }
 
     /// `typing`: forwarded live to the other participants, at most once a second per

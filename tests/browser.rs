@@ -1148,6 +1148,12 @@ fn jwt_mode_pages() {
                 .await,
             true
         );
+        // ... in a field that does not show it or offer it again
+        assert_eq!(
+            b.eval("(t => t.type + ' ' + t.autocomplete)(document.getElementById('start-token'))")
+                .await,
+            "password off"
+        );
         b.type_text("#start-token", &bob).await;
         b.type_text("#start-to", "alice").await;
         shot(&b, "jwt-start-page").await;

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{settings, Client, ClusterEnv, TestNode};
+use common::{http, settings, Client, ClusterEnv, TestNode};
 use serde_json::{json, Value};
 
 async fn ask(c: &mut Client, frame: Value, types: &[&str]) -> Value {
@@ -91,6 +91,50 @@ async fn marks(alice_node: &TestNode, bob_node: &TestNode) {
     )
     .await;
     assert_eq!(code(&e), "not_member", "{e}");
+}
+
+/// A new member starts with the room's history read (section 8), and that mark is
+/// pushed like an explicit `read`: the sender's connection sees bob (who joined) and
+/// carol (added by an owner) at its message live, as `receipts` has them.
+async fn joining_marks(alice_node: &TestNode, bob_node: &TestNode) {
+    let mut alice = Client::connect(alice_node, "alice").await;
+    alice.join("team").await;
+    let seq = alice.room("team", "hello", "j1").await["seq"].clone();
+    let mut bob = Client::connect(bob_node, "bob").await;
+    let mut bob_phone = Client::connect(alice_node, "bob").await;
+    bob.join("team").await;
+    let bob_read = json!({"type":"read","conv":"room:team","uid":"bob","seq":seq});
+    assert_eq!(alice.recv_type("read").await, bob_read);
+    assert_eq!(bob_phone.recv_type("read").await, bob_read, "other device");
+    assert!(
+        pending(&mut bob, &["read"]).await.is_empty(),
+        "not echoed to the joining connection"
+    );
+    let mut carol = Client::connect(bob_node, "carol").await;
+    alice
+        .send(json!({"type":"add","room":"team","uid":"carol"}))
+        .await;
+    // the mark is pushed before the owner's `added` answer is written
+    let mut answers = Vec::new();
+    while answers.len() < 2 {
+        answers.push(alice.recv_type_of(&["added", "read"]).await);
+    }
+    assert_eq!(carol.recv_type("joined").await["by"], "alice");
+    let carol_read = json!({"type":"read","conv":"room:team","uid":"carol","seq":seq});
+    assert!(answers.contains(&carol_read), "{answers:?}");
+    assert!(answers.iter().any(|a| a["type"] == "added"), "{answers:?}");
+    assert_eq!(bob.recv_type("read").await, carol_read);
+    assert_eq!(carol.recv_type("read").await, carol_read, "her own device");
+    let r = ask(
+        &mut alice,
+        json!({"type":"receipts","conv":"room:team"}),
+        &["receipts"],
+    )
+    .await;
+    assert_eq!(r["read"], json!({"alice":seq,"bob":seq,"carol":seq}), "{r}");
+    // joining again sets nothing, so nothing is pushed
+    bob.join("team").await;
+    assert!(pending(&mut alice, &["read"]).await.is_empty());
 }
 
 /// Typing: forwarded to the other participants only, at most once a second per user
@@ -381,11 +425,13 @@ async fn section_8_on_one_node() {
     inbox(&node, &node).await;
     let node = TestNode::start(settings());
     subscriptions(&node, &node).await;
+    let node = TestNode::start(settings());
+    joining_marks(&node, &node).await;
 }
 
 #[tokio::test]
 async fn section_8_across_two_cluster_nodes() {
-    for round in 0..5 {
+    for round in 0..6 {
         let env = ClusterEnv::start();
         let a = env.node("node-a");
         let b = env.node("node-b");
@@ -394,7 +440,8 @@ async fn section_8_across_two_cluster_nodes() {
             1 => typing(&a, &b).await,
             2 => edits_and_deletes(&a, &b).await,
             3 => inbox(&a, &b).await,
-            _ => subscriptions(&a, &b).await,
+            4 => subscriptions(&a, &b).await,
+            _ => joining_marks(&a, &b).await,
         }
     }
 }
@@ -498,4 +545,45 @@ async fn typing_rate_holds_when_typing_on_two_nodes_at_once() {
             "alice on {name} got {typing} typing events from a burst within a second"
         );
     }
+}
+
+/// A room the server API creates with members after it posted there: the members start
+/// at that message and their connections hear each other's marks.
+#[tokio::test]
+async fn a_room_created_by_the_api_pushes_its_members_marks() {
+    let mut s = settings();
+    s.api_key = Some("k".into());
+    let node = TestNode::start(s);
+    let auth = [("Authorization", "Bearer k")];
+    let mut alice = Client::connect(&node, "alice").await;
+    let post = json!({"from":"system","room":"later","body":"welcome"}).to_string();
+    let r = http(
+        "POST",
+        &format!("{}/api/messages", node.base),
+        &auth,
+        Some(&post),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let seq = r.json()["seq"].clone();
+    let room = json!({"room":"later","private":true,"members":["alice","bob"]}).to_string();
+    let r = http(
+        "POST",
+        &format!("{}/api/rooms", node.base),
+        &auth,
+        Some(&room),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(alice.recv_type("joined").await["room"], "later");
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let f = alice.recv_type("read").await;
+        assert_eq!((&f["conv"], &f["seq"]), (&json!("room:later"), &seq), "{f}");
+        seen.push(f["uid"].as_str().unwrap_or("").to_owned());
+    }
+    seen.sort();
+    assert_eq!(seen, ["alice", "bob"]);
 }

@@ -57,6 +57,7 @@ where
     nothing_is_trimmed(make(limits).await).await;
     edits_and_deletes(make(limits).await).await;
     marks_move_forward_only(make(limits).await).await;
+    new_members_start_with_history_read(make(limits).await).await;
     inbox_newest_first_with_unread_counts(make(limits).await).await;
     retention_purges_old_messages(
         make(StoreLimits {
@@ -419,7 +420,7 @@ async fn rooms_join_leave_and_owners(store: Arc<dyn Store>) {
 }
 
 async fn private_rooms_and_bans(store: Arc<dyn Store>) {
-    let info = store
+    let created = store
         .create_room(
             &user("alice"),
             NewRoom {
@@ -431,6 +432,8 @@ async fn private_rooms_and_bans(store: Arc<dyn Store>) {
         )
         .await
         .unwrap();
+    assert_eq!(created.marked, None, "a new room has no message to mark");
+    let info = created.info;
     assert!(info.private);
     assert_eq!(info.owners, vec!["alice"]);
     assert_eq!(info.members, vec!["alice", "bob"]);
@@ -532,7 +535,8 @@ async fn room_creation_by_api_only(store: Arc<dyn Store>) {
             },
         )
         .await
-        .unwrap();
+        .unwrap()
+        .info;
     assert_eq!(info.owners, vec!["alice"]);
     let j = store.join("bob", "new").await.unwrap();
     assert!(j.changed && !j.created);
@@ -596,6 +600,11 @@ async fn room_messages_need_membership(store: Arc<dyn Store>) {
     let mut from_server = room("system", "lobby", "notice", None);
     from_server.by = By::Server;
     assert_eq!(store.append(from_server).await.unwrap().message.seq, 2);
+    assert_eq!(
+        store.role("system", "lobby").await.unwrap(),
+        None,
+        "posting as the server makes no member"
+    );
     store.leave("alice", "lobby").await.unwrap();
     assert!(matches!(
         refused(store.append(room("alice", "lobby", "bye", None)).await),
@@ -854,6 +863,13 @@ async fn edits_and_deletes(store: Arc<dyn Store>) {
         .append(delete(By::Server, &dm1.conv, dm1.seq))
         .await
         .unwrap();
+    let receipts = store.receipts(&dm1.conv).await.unwrap();
+    let uids: Vec<&str> = receipts.iter().map(|r| r.uid.as_str()).collect();
+    assert_eq!(
+        uids,
+        vec!["bob", "carol"],
+        "the moderator is no participant"
+    );
     let dm2 = store
         .append(dm("bob", "carol", "y", None))
         .await
@@ -939,6 +955,71 @@ async fn marks_move_forward_only(store: Arc<dyn Store>) {
         receipts[1].read, 1,
         "a new member has nothing unread from before"
     );
+}
+
+/// A new member's marks start at the room's newest message, whichever way they came in
+/// (join, add, a room created with members), and the store says so in `marked`, so the
+/// caller can push them like explicit marks; nothing is set (None) for a member already
+/// there or a room without messages.
+async fn new_members_start_with_history_read(store: Arc<dyn Store>) {
+    let j = store.join("alice", "lobby").await.unwrap();
+    assert_eq!(j.marked, None, "no message yet: no mark to tell");
+    for i in 1..=2 {
+        store
+            .append(room("alice", "lobby", &format!("m{i}"), None))
+            .await
+            .unwrap();
+    }
+    let j = store.join("bob", "lobby").await.unwrap();
+    assert_eq!(j.marked, Some(2), "{j:?}");
+    assert_eq!(
+        store.join("bob", "lobby").await.unwrap().marked,
+        None,
+        "joining twice sets nothing"
+    );
+    let added = store
+        .add_member(&user("alice"), "lobby", "carol", Role::Member)
+        .await
+        .unwrap();
+    assert_eq!(added.marked, Some(2), "{added:?}");
+    let promoted = store
+        .add_member(&user("alice"), "lobby", "carol", Role::Owner)
+        .await
+        .unwrap();
+    assert!(promoted.changed);
+    assert_eq!(promoted.marked, None, "a role change keeps the marks");
+    let receipts = store.receipts("room:lobby").await.unwrap();
+    for r in &receipts {
+        assert_eq!((r.read, r.delivered), (2, 2), "{receipts:?}");
+    }
+    assert_eq!(receipts.len(), 3);
+    // leaving drops the marks; coming back starts again at the newest message
+    store.leave("bob", "lobby").await.unwrap();
+    store
+        .append(room("alice", "lobby", "m3", None))
+        .await
+        .unwrap();
+    assert_eq!(store.join("bob", "lobby").await.unwrap().marked, Some(3));
+    // the server API posts to a room before it exists; its initial members start at it
+    let mut notice = room("system", "later", "notice", None);
+    notice.by = By::Server;
+    store.append(notice).await.unwrap();
+    let created = store
+        .create_room(
+            &By::Server,
+            NewRoom {
+                room: "later".into(),
+                private: true,
+                owners: vec!["alice".into()],
+                members: vec!["bob".into()],
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(created.marked, Some(1), "{created:?}");
+    let receipts = store.receipts("room:later").await.unwrap();
+    assert_eq!(receipts.len(), 2);
+    assert!(receipts.iter().all(|r| r.read == 1 && r.delivered == 1));
 }
 
 async fn inbox_newest_first_with_unread_counts(store: Arc<dyn Store>) {

@@ -12,9 +12,9 @@ use async_trait::async_trait;
 
 use super::rules::{self, AppendView, JoinPlan, RoomView, Target, UserView};
 use super::{
-    Added, Appended, By, Change, ConvState, Inbox, InboxCursor, InboxEntry, Joined, MarkKind,
-    NewMessage, NewRoom, Page, Purged, Range, ReadRequest, Receipt, Removed, Role, RoomInfo, Store,
-    StoreError, StoreLimits, UserRoom,
+    Added, Appended, By, Change, ConvState, Created, Inbox, InboxCursor, InboxEntry, Joined,
+    MarkKind, NewMessage, NewRoom, Page, Purged, Range, ReadRequest, Receipt, Removed, Role,
+    RoomInfo, Store, StoreError, StoreLimits, UserRoom,
 };
 use crate::protocol::{now_ms, room_conv, Conv, Message};
 
@@ -109,23 +109,29 @@ impl Inner {
         self.convs.get(conv).map_or(0, |c| c.last_seq)
     }
 
-    /// Adds or changes a member; a new member starts with nothing unread.
-    fn put_member(&mut self, conv: &str, uid: &str, role: Role) {
+    /// Adds or changes a member; a new member starts with nothing unread. Answers the
+    /// mark a new member got (see [`Added::marked`]).
+    fn put_member(&mut self, conv: &str, uid: &str, role: Role) -> Option<u64> {
         let last = self.last_seq(conv);
+        let mut new = false;
         self.members
             .entry(conv.to_owned())
             .or_default()
             .entry(uid.to_owned())
             .and_modify(|m| m.role = role)
-            .or_insert(Member {
-                role,
-                read: last,
-                delivered: last,
+            .or_insert_with(|| {
+                new = true;
+                Member {
+                    role,
+                    read: last,
+                    delivered: last,
+                }
             });
         self.user_convs
             .entry(uid.to_owned())
             .or_default()
             .insert(conv.to_owned());
+        new.then(|| super::implicit_mark(last)).flatten()
     }
 
     fn drop_member(&mut self, conv: &str, uid: &str) -> bool {
@@ -331,18 +337,19 @@ impl Store for MemoryStore {
         let r = inner.room_view(room);
         let u = inner.user_view(room, uid);
         let conv = room_conv(room);
-        let (changed, created, role) = match rules::decide_join(&self.limits, room, &r, &u)? {
-            JoinPlan::Nothing(role) => (false, false, role),
+        let (changed, created, role, marked) = match rules::decide_join(&self.limits, room, &r, &u)?
+        {
+            JoinPlan::Nothing(role) => (false, false, role, None),
             JoinPlan::Join => {
-                inner.put_member(&conv, uid, Role::Member);
-                (true, false, Role::Member)
+                let marked = inner.put_member(&conv, uid, Role::Member);
+                (true, false, Role::Member, marked)
             }
             JoinPlan::Create => {
                 inner
                     .rooms
                     .insert(room.to_owned(), RoomRow { private: false });
-                inner.put_member(&conv, uid, Role::Owner);
-                (true, true, Role::Owner)
+                let marked = inner.put_member(&conv, uid, Role::Owner);
+                (true, true, Role::Owner, marked)
             }
         };
         Ok(Joined {
@@ -351,10 +358,11 @@ impl Store for MemoryStore {
             role,
             private: r.private,
             members: inner.member_count(room),
+            marked,
         })
     }
 
-    async fn create_room(&self, by: &By, room: NewRoom) -> Result<RoomInfo, StoreError> {
+    async fn create_room(&self, by: &By, room: NewRoom) -> Result<Created, StoreError> {
         let mut inner = self.lock();
         let initial = rules::initial_members(by, &room.owners, &room.members);
         let counts = initial
@@ -370,10 +378,14 @@ impl Store for MemoryStore {
             },
         );
         let conv = room_conv(&room.room);
+        let mut marked = None;
         for (uid, role) in &initial {
-            inner.put_member(&conv, uid, *role);
+            marked = inner.put_member(&conv, uid, *role);
         }
-        Ok(inner.room_info(&room.room, usize::MAX))
+        Ok(Created {
+            info: inner.room_info(&room.room, usize::MAX),
+            marked,
+        })
     }
 
     async fn leave(&self, uid: &str, room: &str) -> Result<bool, StoreError> {
@@ -395,11 +407,12 @@ impl Store for MemoryStore {
         let u = inner.user_view(room, uid);
         let changed = rules::decide_add(&self.limits, &u, role)?;
         inner.bans.remove(&(room.to_owned(), uid.to_owned()));
-        inner.put_member(&conv, uid, role);
+        let marked = inner.put_member(&conv, uid, role);
         Ok(Added {
             changed,
             role,
             members: inner.member_count(room),
+            marked,
         })
     }
 

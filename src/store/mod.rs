@@ -171,6 +171,8 @@ pub struct Joined {
     pub private: bool,
     /// Members after the join.
     pub members: u64,
+    /// See [`Added::marked`].
+    pub marked: Option<u64>,
 }
 
 /// A room to create.
@@ -189,6 +191,27 @@ pub struct Added {
     pub changed: bool,
     pub role: Role,
     pub members: u64,
+    /// Some when this call made the user a member of a room that has messages: their
+    /// read and delivered marks were set to this seq, the room's newest message, so its
+    /// history does not count as unread. The caller pushes it like an explicit `read`
+    /// mark (contract section 8). None: no mark was set (already a member, or no
+    /// message yet).
+    pub marked: Option<u64>,
+}
+
+/// What `create_room` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Created {
+    /// The new room, every member listed.
+    pub info: RoomInfo,
+    /// See [`Added::marked`]: the marks every initial member starts with (a room gets
+    /// messages before it exists only from the server API).
+    pub marked: Option<u64>,
+}
+
+/// The mark a new member starts with, if it is one to tell anyone about.
+pub fn implicit_mark(last_seq: u64) -> Option<u64> {
+    (last_seq > 0).then_some(last_seq)
 }
 
 /// What `remove` did.
@@ -353,11 +376,13 @@ pub trait Store: Send + Sync {
 
     /// Makes `uid` a member of a public room; creates a missing one (public, `uid` its
     /// owner) when creation is open. Refused: `Forbidden` (private or banned),
-    /// `NotFound` (missing, creation by API only), `Limit` (rooms per user).
+    /// `NotFound` (missing, creation by API only), `Limit` (rooms per user). A new
+    /// member's read and delivered marks start at the room's newest message, answered
+    /// in `marked` (the same holds for `add_member` and `create_room`).
     async fn join(&self, uid: &str, room: &str) -> Result<Joined, StoreError>;
     /// Creates a room. `by` a user: they become its (first) owner and creation must be
     /// open. Refused: `Conflict` (exists), `Forbidden` (creation by API only), `Limit`.
-    async fn create_room(&self, by: &By, room: NewRoom) -> Result<RoomInfo, StoreError>;
+    async fn create_room(&self, by: &By, room: NewRoom) -> Result<Created, StoreError>;
     /// `uid` leaves `room`; false if they were not a member.
     async fn leave(&self, uid: &str, room: &str) -> Result<bool, StoreError>;
     /// Adds `uid` to `room` with `role` (lifting a ban). Only owners (or the server).

@@ -45,9 +45,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::rules::{self, AppendView, JoinPlan, RoomView, Target, UserView};
 use super::{
-    Added, Appended, By, Change, ConvState, Inbox, InboxCursor, Joined, MarkKind, NewMessage,
-    NewRoom, Page, Purged, ReadRequest, Receipt, Refusal, Removed, Role, RoomInfo, Store,
-    StoreError, StoreLimits, UserRoom, WriteStats,
+    implicit_mark, Added, Appended, By, Change, ConvState, Created, Inbox, InboxCursor, Joined,
+    MarkKind, NewMessage, NewRoom, Page, Purged, ReadRequest, Receipt, Refusal, Removed, Role,
+    RoomInfo, Store, StoreError, StoreLimits, UserRoom, WriteStats,
 };
 use crate::protocol::{now_ms, room_conv, Conv, Message};
 
@@ -214,8 +214,8 @@ pub trait Dialect: Send + Sync + 'static {
     async fn insert_room(c: &mut Conn<Self>, room: &str, private: bool, ts: u64)
         -> SqlResult<bool>;
     /// Adds a member (marks at the newest message: nothing before counts as unread)
-    /// or changes their role.
-    async fn put_member(c: &mut Conn<Self>, conv: &str, uid: &str, role: Role) -> SqlResult<()>;
+    /// or changes their role. Answers the member's read mark.
+    async fn put_member(c: &mut Conn<Self>, conv: &str, uid: &str, role: Role) -> SqlResult<u64>;
     async fn drop_member(c: &mut Conn<Self>, conv: &str, uid: &str) -> SqlResult<bool>;
     async fn set_ban(
         c: &mut Conn<Self>,
@@ -307,7 +307,7 @@ enum Done {
     Appended(Appended),
     Marked(Option<u64>),
     Joined(Joined),
-    Created(RoomInfo),
+    Created(Created),
     Left(bool),
     Added(Added),
     Removed(Removed),
@@ -661,8 +661,16 @@ where
             w.dm_members.push((msg.conv.clone(), a.to_owned(), 0));
             w.dm_members.push((msg.conv.clone(), b.to_owned(), 0));
         }
-        w.sender_marks
-            .insert((msg.conv.clone(), msg.from.clone()), seq);
+        // Sending marks the message read by its sender, if a participant: the server
+        // API posts and moderates under names that are none (no member row is made).
+        let participant = match Conv::parse(&msg.conv) {
+            Some(dm @ Conv::Dm(..)) => dm.dm_includes(&msg.from),
+            _ => view.sender_role.is_some(),
+        };
+        if participant {
+            w.sender_marks
+                .insert((msg.conv.clone(), msg.from.clone()), seq);
+        }
         match msg.change {
             Some(Change::Edit(t)) => {
                 w.edits.insert((msg.conv.clone(), t), message.body.clone());
@@ -808,11 +816,12 @@ where
                     role,
                     private: r.private,
                     members: r.members,
+                    marked: None,
                 })),
                 Ok(plan) => {
                     let created = plan == JoinPlan::Create;
                     let role = if created { Role::Owner } else { Role::Member };
-                    D::put_member(c, &conv, uid, role).await?;
+                    let read = D::put_member(c, &conv, uid, role).await?;
                     let members = D::adjust_members(c, room, 1).await?;
                     Ok(Done::Joined(Joined {
                         changed: true,
@@ -820,6 +829,7 @@ where
                         role,
                         private: r.private,
                         members,
+                        marked: implicit_mark(read),
                     }))
                 }
             }
@@ -839,13 +849,15 @@ where
                 }
                 Ok(()) => {
                     let conv = room_conv(&room.room);
+                    let mut read = 0;
                     for (uid, role) in &initial {
-                        D::put_member(c, &conv, uid, *role).await?;
+                        read = D::put_member(c, &conv, uid, *role).await?;
                     }
                     D::adjust_members(c, &room.room, initial.len() as i64).await?;
-                    Ok(Done::Created(
-                        D::room_info(c, &room.room, usize::MAX).await?,
-                    ))
+                    Ok(Done::Created(Created {
+                        info: D::room_info(c, &room.room, usize::MAX).await?,
+                        marked: implicit_mark(read),
+                    }))
                 }
             }
         }
@@ -879,16 +891,17 @@ where
                     if u.banned {
                         D::set_ban(c, room, uid, false, now).await?;
                     }
-                    D::put_member(c, &conv, uid, *role).await?;
-                    let members = if u.role.is_none() {
-                        D::adjust_members(c, room, 1).await?
+                    let read = D::put_member(c, &conv, uid, *role).await?;
+                    let (members, marked) = if u.role.is_none() {
+                        (D::adjust_members(c, room, 1).await?, implicit_mark(read))
                     } else {
-                        r.members
+                        (r.members, None)
                     };
                     Ok(Done::Added(Added {
                         changed,
                         role: *role,
                         members,
+                        marked,
                     }))
                 }
             }
@@ -960,7 +973,7 @@ where
         }
     }
 
-    async fn create_room(&self, by: &By, room: NewRoom) -> Result<RoomInfo, StoreError> {
+    async fn create_room(&self, by: &By, room: NewRoom) -> Result<Created, StoreError> {
         match self
             .write(Op::Create {
                 by: by.clone(),
@@ -968,7 +981,7 @@ where
             })
             .await?
         {
-            Done::Created(info) => Ok(info),
+            Done::Created(created) => Ok(created),
             _ => Err(unexpected()),
         }
     }
@@ -1256,19 +1269,20 @@ macro_rules! dialect {
                 conv: &str,
                 uid: &str,
                 role: Role,
-            ) -> SqlResult<()> {
-                sqlx::query(
+            ) -> SqlResult<u64> {
+                let (read,): (i64,) = sqlx::query_as(
                     "INSERT INTO members (conv, uid, role, read_seq, delivered_seq) \
                      SELECT $1, $2, $3, COALESCE(MAX(last_seq), 0), COALESCE(MAX(last_seq), 0) \
                      FROM conversations WHERE conv = $1 \
-                     ON CONFLICT (conv, uid) DO UPDATE SET role = excluded.role",
+                     ON CONFLICT (conv, uid) DO UPDATE SET role = excluded.role \
+                     RETURNING read_seq",
                 )
                 .bind(conv)
                 .bind(uid)
                 .bind(role.as_str())
-                .execute(&mut *c)
+                .fetch_one(&mut *c)
                 .await?;
-                Ok(())
+                Ok(read as u64)
             }
 
             async fn drop_member(c: &mut Conn<Self>, conv: &str, uid: &str) -> SqlResult<bool> {
