@@ -94,6 +94,9 @@ struct State {
     queue: VecDeque<Entry>,
     /// Live message frames in `queue`.
     messages: usize,
+    /// Bytes of those live message frames (a frame shared with other connections
+    /// counts in full here: an upper bound on what this connection holds).
+    message_bytes: usize,
     /// Latest presence per (room, uid) not yet written: the frame's JSON.
     presence: BTreeMap<(Option<String>, String), ByteString>,
     /// Messages were dropped: send `resync` once the queue is down to half the bound.
@@ -111,6 +114,10 @@ struct State {
 /// Live message frames one outbox holds at most, whatever their age, as a multiple
 /// of [`OutboxLimits::max_messages`].
 pub const HARD_CAP_FACTOR: usize = 8;
+/// Bytes of live message frames one outbox holds at most, whatever their age: a slow
+/// reader of large bodies holds at most this much (the count cap alone would allow
+/// 8 x 1,024 frames of up to the max frame size).
+pub const HARD_CAP_BYTES: usize = 4 * 1024 * 1024;
 
 /// Bounds of one outbox.
 #[derive(Debug, Clone, Copy)]
@@ -152,6 +159,7 @@ impl Outbox {
                 welcome: None,
                 queue: VecDeque::new(),
                 messages: 0,
+                message_bytes: 0,
                 presence: BTreeMap::new(),
                 resync_due: false,
                 held: true,
@@ -174,8 +182,8 @@ impl Outbox {
 
     /// Whether a live message pushed at `now` is dropped: over the hard cap, or over
     /// the bound while the socket has left the oldest frame waiting past the grace.
-    fn over_bound(&self, s: &State, now: Instant) -> bool {
-        if s.messages >= self.limits.hard_cap() {
+    fn over_bound(&self, s: &State, len: usize, now: Instant) -> bool {
+        if s.messages >= self.limits.hard_cap() || s.message_bytes + len > HARD_CAP_BYTES {
             return true;
         }
         s.messages >= self.limits.max_messages
@@ -189,7 +197,8 @@ impl Outbox {
         if s.close.is_some() {
             return Pushed::Closed;
         }
-        if message && self.over_bound(&s, now) {
+        let len = frame.len();
+        if message && self.over_bound(&s, len, now) {
             s.resync_due = true;
             return Pushed::Dropped;
         }
@@ -201,7 +210,10 @@ impl Outbox {
             message,
             at: now,
         });
-        s.messages += usize::from(message);
+        if message {
+            s.messages += 1;
+            s.message_bytes += len;
+        }
         drop(s);
         self.waker.wake();
         Pushed::Queued
@@ -287,6 +299,7 @@ impl Outbox {
             s.welcome = None;
             s.queue.clear();
             s.messages = 0;
+            s.message_bytes = 0;
             s.presence.clear();
         }
         s.held = false;
@@ -365,6 +378,7 @@ impl Outbox {
             used += entry.frame.len();
             if entry.message {
                 s.messages -= 1;
+                s.message_bytes -= entry.frame.len();
                 taken.messages += 1;
             }
             taken.frames.push(entry.frame);
@@ -504,6 +518,27 @@ mod tests {
         assert_eq!(o.queued_messages(), 4 * HARD_CAP_FACTOR);
         let t = o.take(usize::MAX);
         assert!(t.resync, "told to sync what the cap dropped");
+    }
+
+    #[test]
+    fn the_byte_cap_holds_however_young_the_queue() {
+        let o = outbox(1_000_000);
+        o.welcome("w".into());
+        o.take(1000);
+        let t0 = Instant::now();
+        let big: ByteString = "x".repeat(64 * 1024).into();
+        let fit = HARD_CAP_BYTES / big.len();
+        for _ in 0..fit {
+            assert_eq!(o.message_at(big.clone(), t0), Pushed::Queued);
+        }
+        assert_eq!(o.message_at(big.clone(), t0), Pushed::Dropped);
+        // control frames are never dropped, whatever the bytes
+        assert!(o.control(big.clone()));
+        let t = o.take(usize::MAX);
+        assert_eq!(t.messages, fit as u64);
+        assert!(t.resync, "told to sync what the cap dropped");
+        // once taken, there is room again
+        assert_eq!(o.message_at(big, t0), Pushed::Queued);
     }
 
     #[test]
