@@ -207,8 +207,7 @@ async fn section_7_across_two_cluster_nodes() {
 fn api_only(mut s: chatmesh::config::Settings) -> chatmesh::config::Settings {
     s.store.room_creation = chatmesh::store::RoomCreation::Api;
     s.store.rooms_per_user = 2;
-    s.api_key = Some("k".into());
-    s
+    with_api_key(s)
 }
 
 #[tokio::test]
