@@ -284,6 +284,7 @@ async fn frame_limits_are_enforced_at_the_header() {
         }
     }
     let grown = node.rss_kib().saturating_sub(before);
+    eprintln!("1 GiB header, then 64 MiB streamed: RSS {before} KiB before, grew by {grown} KiB");
     let (code, _) = big.expect_close().await;
     assert_eq!(code, Some(CloseCode::Size));
     assert!(grown < 8 * 1024, "RSS grew by {grown} KiB");
