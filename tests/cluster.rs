@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use common::{http, Client, ClusterEnv, TestNode};
+use common::{http, post_to_peer_api, Client, ClusterEnv, TestNode};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
@@ -185,28 +185,14 @@ async fn peer_api_needs_the_cluster_secret() {
         assert_eq!(r.json()["error"], "unauthorized");
     }
     assert!(bob.drain().await.is_empty(), "nothing delivered");
-    let r = http(
-        "POST",
-        &url,
-        &[("Authorization", "Bearer test-cluster-secret")],
-        Some(&batch),
-    )
-    .await
-    .unwrap();
+    let r = post_to_peer_api(&a.internal, &batch).await;
     assert_eq!(r.status, 200);
     assert_eq!(
         bob.recv_type("message").await["body"],
         "forged",
         "the right secret is accepted"
     );
-    let r = http(
-        "POST",
-        &url,
-        &[("Authorization", "Bearer test-cluster-secret")],
-        Some("{nope"),
-    )
-    .await
-    .unwrap();
+    let r = post_to_peer_api(&a.internal, "{nope").await;
     assert_eq!(r.status, 400);
 }
 

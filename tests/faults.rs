@@ -267,6 +267,30 @@ async fn ten_thousand_and_fifty_messages_are_all_in_history() {
     assert_eq!(seqs, (1..=total as u64).collect::<Vec<_>>());
 }
 
+/// Reads `c` until it is told to `resync`, then syncs: afterwards it has seen exactly
+/// the `sent` seqs of every conversation.
+async fn resync_then_sync_has_everything(
+    c: &mut Client,
+    seen: &mut Seen,
+    sent: &BTreeMap<String, BTreeSet<u64>>,
+) {
+    let deadline = Instant::now() + common::WAIT;
+    while seen.resyncs == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{} was never told to resync",
+            c.uid
+        );
+        let f = c.recv().await;
+        seen.record(&f);
+    }
+    let convs: Vec<String> = sent.keys().cloned().collect();
+    c.sync_into(seen, &convs).await;
+    for conv in &convs {
+        assert_eq!(seen.convs.get(conv), sent.get(conv), "{conv}");
+    }
+}
+
 /// A node frozen past the TTL while others send to its users: it is declared dead and
 /// its queue given up; after SIGCONT it finds itself expelled, writes its directory
 /// entries again and tells its connections to resync, after which they have every
@@ -300,17 +324,7 @@ async fn a_node_frozen_past_the_ttl_resyncs_its_connections() {
         record(&alice.room("hall", &format!("h{i}"), &format!("h{i}")).await);
     }
     frozen.resume();
-    let deadline = Instant::now() + common::WAIT;
-    while seen.resyncs == 0 {
-        assert!(Instant::now() < deadline, "bob was never told to resync");
-        let f = bob.recv().await;
-        seen.record(&f);
-    }
-    let convs: Vec<String> = sent.keys().cloned().collect();
-    bob.sync_into(&mut seen, &convs).await;
-    for conv in &convs {
-        assert_eq!(seen.convs.get(conv), sent.get(conv), "{conv}");
-    }
+    resync_then_sync_has_everything(&mut bob, &mut seen, &sent).await;
     // and the node is back in the cluster: live delivery to bob works
     alice.wait_online("bob", true).await;
     let s = alice.direct("bob", "live", "live").await;
@@ -369,17 +383,7 @@ async fn a_peer_queue_that_gives_up_resyncs_the_peers_connections() {
     })
     .await;
     p.resume();
-    let deadline = Instant::now() + common::WAIT;
-    while seen.resyncs == 0 {
-        assert!(Instant::now() < deadline, "bob was never told to resync");
-        let f = bob.recv().await;
-        seen.record(&f);
-    }
-    let convs: Vec<String> = sent.keys().cloned().collect();
-    bob.sync_into(&mut seen, &convs).await;
-    for conv in &convs {
-        assert_eq!(seen.convs.get(conv), sent.get(conv), "{conv}");
-    }
+    resync_then_sync_has_everything(&mut bob, &mut seen, &sent).await;
 }
 
 /// While Redis is frozen, a connection whose own requests wait on it (a join must be

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{http, settings, Client, ClusterEnv, TestNode};
+use common::{http, post_to_peer_api, settings, Client, ClusterEnv, TestNode};
 use serde_json::{json, Value};
 
 /// Sends `frame` and answers the next answer of one of `types`.
@@ -423,19 +423,12 @@ async fn a_membership_event_that_arrives_late_cannot_undo_a_newer_change() {
     )
     .await;
     let peer = |joined: bool| {
-        let url = format!("{}/internal/deliver", b.internal);
         let batch = json!({"from":"node-c","membership":[
             {"uid":"eve","room":"late","joined":joined,"by":"alice"}]})
         .to_string();
+        let internal = b.internal.clone();
         async move {
-            let r = http(
-                "POST",
-                &url,
-                &[("Authorization", "Bearer test-cluster-secret")],
-                Some(&batch),
-            )
-            .await
-            .unwrap();
+            let r = post_to_peer_api(&internal, &batch).await;
             assert_eq!(r.status, 200, "{}", r.body);
         }
     };

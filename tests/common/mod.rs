@@ -98,12 +98,7 @@ impl TestNode {
     }
 
     pub fn metric(&self, name: &str) -> f64 {
-        metric_value(
-            &http_blocking("GET", &format!("{}/metrics", self.base), &[], None)
-                .unwrap()
-                .body,
-            name,
-        )
+        metric_at(&self.base, name)
     }
 }
 
@@ -133,6 +128,16 @@ fn wait_ready(base: &str, node_id: &str, exited: impl Fn() -> bool) {
 }
 
 /// The value of a metric line `name value` (name may include labels).
+/// The value of metric `name` on the node whose public listener is `base`.
+pub fn metric_at(base: &str, name: &str) -> f64 {
+    metric_value(
+        &http_blocking("GET", &format!("{base}/metrics"), &[], None)
+            .unwrap()
+            .body,
+        name,
+    )
+}
+
 pub fn metric_value(text: &str, name: &str) -> f64 {
     text.lines()
         .find_map(|l| {
@@ -182,6 +187,19 @@ pub async fn http(
     let mut raw = Vec::new();
     tokio::time::timeout(WAIT, stream.read_to_end(&mut raw)).await??;
     Ok(parse_response(&raw))
+}
+
+/// POSTs `batch` to the peer API of the node whose internal listener is `internal`,
+/// with the test cluster secret, as a peer would.
+pub async fn post_to_peer_api(internal: &str, batch: &str) -> HttpResponse {
+    http(
+        "POST",
+        &format!("{internal}/internal/deliver"),
+        &[("Authorization", "Bearer test-cluster-secret")],
+        Some(batch),
+    )
+    .await
+    .unwrap()
 }
 
 fn request_text(
@@ -756,12 +774,7 @@ impl ProcessNode {
     }
 
     pub fn metric(&self, name: &str) -> f64 {
-        metric_value(
-            &http_blocking("GET", &format!("{}/metrics", self.base), &[], None)
-                .unwrap()
-                .body,
-            name,
-        )
+        metric_at(&self.base, name)
     }
 
     /// Starts the binary on port 0 for both listeners and learns its address from its
