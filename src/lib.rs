@@ -370,10 +370,10 @@ async fn purge(store: SharedStore) {
 
 /// Gives memory back to the system after a storm of connections went away.
 ///
-/// glibc keeps freed memory in its arenas for reuse, so after thousands of connections
-/// close the process stays at its peak size although nothing leaks. When at least a
-/// hundred connections, and a fifth of them, ended since the last look, `malloc_trim`
-/// returns the free pages (it takes a few milliseconds, and only then).
+/// Allocators keep freed memory for reuse, so after thousands of connections close the
+/// process stays near its peak size although nothing leaks. When at least a hundred
+/// connections, and a fifth of them, ended since the last look, [`trim`] returns the
+/// free pages (it takes a few milliseconds, and only then).
 async fn return_memory(metrics: Arc<Metrics>) {
     let mut closed_before = metrics.connections_closed.get();
     loop {
@@ -390,13 +390,29 @@ async fn return_memory(metrics: Arc<Metrics>) {
     }
 }
 
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
+/// Returns free memory to the system: jemalloc's (the binary's allocator: every
+/// arena, whichever thread freed it) and glibc's (what C code such as SQLite allocates).
 fn trim() {
-    // SAFETY: malloc_trim only releases free memory of the allocator's own arenas.
+    // "arena.<MALLCTL_ARENAS_ALL>.purge" takes and gives nothing.
+    const PURGE_ALL: &[u8] = b"arena.4096.purge\0";
+    // SAFETY: a NUL-terminated name and no buffers, as this mallctl requires. Where
+    // jemalloc is not the global allocator (tests in this process) its arenas are
+    // empty and the purge does nothing.
+    let rc = unsafe {
+        tikv_jemalloc_sys::mallctl(
+            PURGE_ALL.as_ptr().cast(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    if rc != 0 {
+        log::debug!("jemalloc purge failed (error {rc})");
+    }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory of glibc's own arenas.
     unsafe {
         libc::malloc_trim(0);
     }
 }
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn trim() {}

@@ -5,6 +5,13 @@ use std::process::ExitCode;
 
 use chatmesh::config::Settings;
 
+/// jemalloc, not glibc's malloc: a message's life is dozens of small allocations, many
+/// freed on another path than they were made, where glibc spends its time consolidating
+/// and unlinking chunks (BENCHMARKS.md, "What changed for issue 12"). After a storm of
+/// connections the node gives the memory back with jemalloc's purge (`chatmesh::run`).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let settings = match Settings::load() {

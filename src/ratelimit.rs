@@ -3,8 +3,9 @@
 //! never closed while one that keeps flooding is. Per user and conversation: the
 //! [`TypingGate`] that lets one `typing` event a second through.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
+
+use foldhash::{HashMap, HashMapExt as _};
 
 /// A classic token bucket; time is passed in so the logic is testable without clocks.
 #[derive(Debug, Clone)]

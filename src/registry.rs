@@ -2,7 +2,9 @@
 //! each room. A plain struct so the routing rules are unit-tested without actors; the
 //! [`crate::server::ChatServer`] actor owns one.
 
-use std::collections::{HashMap, HashSet};
+// foldhash, not SipHash: a room's fan-out looks up every member (keys are user ids,
+// room names and session ids; the seed is random per process).
+use foldhash::{HashMap, HashMapExt as _, HashSet};
 
 /// Unique per node for the life of the process.
 pub type SessionId = u64;

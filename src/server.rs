@@ -8,12 +8,15 @@
 //! handed, in order, to a [`ClusterSink`] that mirrors it into the Redis directory; the
 //! sink is implemented by the cluster module, which this module does not know.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+// foldhash, not SipHash: these maps are looked up for every delivery (keys are
+// session ids, user ids and room names; the seed is random per process).
 use bytestring::ByteString;
+use foldhash::{HashMap, HashMapExt as _, HashSet, HashSetExt as _};
 use tokio::sync::oneshot;
 
 use crate::metrics::Metrics;
