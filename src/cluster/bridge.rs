@@ -297,7 +297,7 @@ impl ClusterBridge {
         ctx: &mut Context<Self>,
     ) {
         let live = hb.live.len();
-        let outcome = self.liveness.beat(hb, Instant::now());
+        let outcome = self.liveness.beat(hb, started, Instant::now());
         if !self.registered.swap(true, Ordering::Relaxed) {
             log::info!(
                 "node {} registered in the cluster ({live} live nodes)",

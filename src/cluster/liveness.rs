@@ -4,9 +4,12 @@
 //! Besides the table of live peers, it tells the bridge when this node cannot vouch for
 //! its connections any more: when Redis had lost this node's registry entry (Redis lost
 //! its data, or the others declared this node dead and removed its directory entries),
-//! and when heartbeats failed for a while (the node was cut off: peers could not look
-//! it up, and it could not record its own changes). Either way the node writes its
-//! directory entries again and tells every connection to sync.
+//! when heartbeats failed for a while (the node was cut off: peers could not look it
+//! up, and it could not record its own changes), and when two answered heartbeats are
+//! further apart than the TTL (the process was stopped, or starved of CPU: the others
+//! may have declared it dead and dropped what they had queued for it, even if none of
+//! them has removed its entries yet). Either way the node writes its directory entries
+//! again and tells every connection to sync.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
@@ -54,24 +57,37 @@ pub struct Liveness {
     failing_since: Option<Instant>,
     /// Failures shorter than this are forgiven (one slow beat).
     tolerance: Duration,
+    /// How long the others wait for a heartbeat before they declare a node dead.
+    ttl: Duration,
+    /// When the last answered heartbeat was sent.
+    last_sent: Option<Instant>,
 }
 
 impl Liveness {
-    pub fn new(me: String, live: LiveTable, heartbeat: Duration) -> Self {
+    pub fn new(me: String, live: LiveTable, heartbeat: Duration, ttl: Duration) -> Self {
         Liveness {
             me,
             live,
             failing_since: None,
             tolerance: heartbeat,
+            ttl,
+            last_sent: None,
         }
     }
 
-    /// A heartbeat answered.
-    pub fn beat(&mut self, hb: Heartbeat, now: Instant) -> BeatOutcome {
+    /// A heartbeat sent at `sent` answered at `now`.
+    pub fn beat(&mut self, hb: Heartbeat, sent: Instant, now: Instant) -> BeatOutcome {
         let cut_off = self
             .failing_since
             .take()
             .is_some_and(|since| now.duration_since(since) > self.tolerance);
+        // The previous beat was written at or after it was sent, this one at or before
+        // now: if those are more than the TTL apart, the others may have seen this node
+        // dead in between, though no heartbeat failed (SIGSTOP, a starved process).
+        let silent = self
+            .last_sent
+            .replace(sent)
+            .is_some_and(|prev| now.saturating_duration_since(prev) > self.ttl);
         let new: HashMap<String, String> = hb.live.into_iter().collect();
         let mut gone = Vec::new();
         if let Ok(mut live) = self.live.write() {
@@ -82,8 +98,15 @@ impl Liveness {
                 .collect();
             *live = new;
         }
+        let rejoin = hb.was_missing || cut_off || silent;
+        if rejoin {
+            // The rejoin (entries written again, then every connection told to sync)
+            // comes after now: it covers whatever the others dropped until now, also if
+            // this beat itself was the one in flight while the node was stopped.
+            self.last_sent = Some(now);
+        }
         BeatOutcome {
-            rejoin: hb.was_missing || cut_off,
+            rejoin,
             gone,
             dead: hb.dead.into_iter().filter(|d| *d != self.me).collect(),
         }
@@ -128,15 +151,15 @@ mod tests {
 
     #[test]
     fn tracks_peers_and_who_left() {
-        let mut l = Liveness::new("me".into(), LiveTable::default(), Duration::from_secs(1));
+        let mut l = liveness();
         let now = Instant::now();
-        let o = l.beat(hb(&["me", "a", "b"], &[], true), now);
+        let o = l.beat(hb(&["me", "a", "b"], &[], true), now, now);
         assert!(o.rejoin, "the first beat writes the entries");
         let mut peers = l.peers();
         peers.sort();
         assert_eq!(peers, vec!["a", "b"]);
         assert_eq!(l.url("a").as_deref(), Some("http://a"));
-        let o = l.beat(hb(&["me", "a"], &["b"], false), now);
+        let o = l.beat(hb(&["me", "a"], &["b"], false), now, now);
         assert!(!o.rejoin);
         assert_eq!(o.gone, vec!["b"]);
         assert_eq!(o.dead, vec!["b"]);
@@ -161,19 +184,50 @@ mod tests {
         assert_eq!(resync_after_death(false, Some(many)), ResyncScope::All);
     }
 
+    fn liveness() -> Liveness {
+        Liveness::new(
+            "me".into(),
+            LiveTable::default(),
+            Duration::from_secs(1),
+            Duration::from_secs(5),
+        )
+    }
+
     #[test]
     fn a_long_cut_off_means_rejoin_a_short_one_does_not() {
-        let mut l = Liveness::new("me".into(), LiveTable::default(), Duration::from_secs(1));
+        let mut l = liveness();
         let t0 = Instant::now();
-        l.beat(hb(&["me"], &[], true), t0);
+        let at = |ms| t0 + Duration::from_millis(ms);
+        l.beat(hb(&["me"], &[], true), t0, t0);
         l.failed(t0);
-        let o = l.beat(hb(&["me"], &[], false), t0 + Duration::from_millis(500));
+        let o = l.beat(hb(&["me"], &[], false), at(400), at(500));
         assert!(!o.rejoin, "one slow beat is forgiven");
-        l.failed(t0);
-        l.failed(t0 + Duration::from_secs(1));
-        let o = l.beat(hb(&["me"], &[], false), t0 + Duration::from_secs(3));
+        l.failed(at(1000));
+        l.failed(at(2000));
+        let o = l.beat(hb(&["me"], &[], false), at(2900), at(3000));
         assert!(o.rejoin);
-        let o = l.beat(hb(&["me"], &[], false), t0 + Duration::from_secs(4));
+        let o = l.beat(hb(&["me"], &[], false), at(3900), at(4000));
         assert!(!o.rejoin);
+    }
+
+    #[test]
+    fn beats_further_apart_than_the_ttl_mean_rejoin() {
+        let mut l = liveness();
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        l.beat(hb(&["me"], &[], true), t0, t0);
+        let o = l.beat(hb(&["me"], &[], false), at(1000), at(1010));
+        assert!(!o.rejoin, "a beat a period later");
+        // Stopped for 6 s with no failed beat, and the others have not removed this
+        // node's entries yet: its registry entry was still there.
+        let o = l.beat(hb(&["me"], &[], false), at(2000), at(8000));
+        assert!(o.rejoin, "the others may have seen this node dead");
+        let o = l.beat(hb(&["me"], &[], false), at(9000), at(9010));
+        assert!(!o.rejoin);
+        // A beat in flight across a stop: one rejoin, not another at the next beat.
+        let o = l.beat(hb(&["me"], &[], false), at(10000), at(17000));
+        assert!(o.rejoin);
+        let o = l.beat(hb(&["me"], &[], false), at(18000), at(18010));
+        assert!(!o.rejoin, "the rejoin covered everything until it");
     }
 }

@@ -219,13 +219,19 @@ pub async fn start(
         .await
         .map_err(ClusterError::Register)?;
     // Register before serving, so the node is never up without being routable.
+    let sent = Instant::now();
     let first = directory
         .heartbeat(&advertise, settings.node_ttl.as_millis() as u64)
         .await
         .map_err(ClusterError::Register)?;
     let live: LiveTable = Arc::new(RwLock::new(HashMap::new()));
-    let mut liveness = Liveness::new(settings.node_id.clone(), live, settings.heartbeat);
-    liveness.beat(first, Instant::now());
+    let mut liveness = Liveness::new(
+        settings.node_id.clone(),
+        live,
+        settings.heartbeat,
+        settings.node_ttl,
+    );
+    liveness.beat(first, sent, Instant::now());
     let registered = Arc::new(AtomicBool::new(true));
     let upkeep = Arc::new(UpkeepState::default());
     let bridge = ClusterBridge::new(
