@@ -453,11 +453,24 @@ async fn writer<D: Dialect>(
 
 type Outcome = Result<Done, Refusal>;
 
+/// Which try of a group's transaction this is.
+///
+/// An append batch's first try assumes that none of its client ids was stored before
+/// (a resend is rare), and so saves the round trip of looking them up: the write finds
+/// out, as it finds out that another node stored one meanwhile, and the transaction is
+/// then rolled back and tried again with the look-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Try {
+    First,
+    Again,
+}
+
 /// Runs a group of jobs inside a transaction the caller opened.
 type GroupFn<D> = for<'a> fn(
     &'a mut Conn<D>,
     &'a [&'a Op],
     &'a StoreLimits,
+    Try,
 ) -> futures_util::future::BoxFuture<'a, SqlResult<Vec<Outcome>>>;
 
 /// Runs `jobs` in one transaction with `f`; if that fails, each job alone, so one
@@ -520,12 +533,14 @@ where
     for<'c> &'c mut Conn<D>: sqlx::Executor<'c, Database = D::Db>,
 {
     let ops: Vec<&Op> = jobs.iter().map(|j| &j.op).collect();
-    // Another node may store one of these client ids between our look-up and our
-    // insert: then the transaction is rolled back and decided again with what it
-    // stored (a few rounds at most; it is rare).
-    for _ in 0..3 {
+    // A client id may have been stored before (a resend: the first try does not look
+    // them up), or by another node between our look-up and our insert: then the
+    // transaction is rolled back and decided again with what is stored (a few rounds at
+    // most; it is rare).
+    for n in 0..3 {
+        let attempt = if n == 0 { Try::First } else { Try::Again };
         let mut tx = conn.begin().await?;
-        match f(&mut *tx, &ops, limits).await {
+        match f(&mut *tx, &ops, limits, attempt).await {
             Ok(outcomes) => {
                 tx.commit().await?;
                 committed.commits.fetch_add(1, Ordering::Relaxed);
@@ -559,6 +574,7 @@ fn append_batch<'a, D: Dialect>(
     c: &'a mut Conn<D>,
     ops: &'a [&'a Op],
     limits: &'a StoreLimits,
+    attempt: Try,
 ) -> futures_util::future::BoxFuture<'a, SqlResult<Vec<Outcome>>>
 where
     for<'c> &'c mut Conn<D>: sqlx::Executor<'c, Database = D::Db>,
@@ -571,7 +587,8 @@ where
                 _ => None,
             })
             .collect();
-        let (outcomes, writes, now) = decide_appends::<D>(c, &msgs, limits).await?;
+        let look_up = attempt == Try::Again;
+        let (outcomes, writes, now) = decide_appends::<D>(c, &msgs, limits, look_up).await?;
         if D::write_appends(c, &writes, now).await? {
             Ok(outcomes)
         } else {
@@ -580,23 +597,29 @@ where
     })
 }
 
-/// Reads what the rules need for a batch of appends and decides each in order.
+/// Reads what the rules need for a batch of appends and decides each in order. Without
+/// `look_up`, no client id is taken to have been stored before (see [`Try`]).
 async fn decide_appends<D: Dialect>(
     c: &mut Conn<D>,
     msgs: &[&NewMessage],
     limits: &StoreLimits,
+    look_up: bool,
 ) -> SqlResult<(Vec<Outcome>, AppendWrites, u64)>
 where
     for<'c> &'c mut Conn<D>: sqlx::Executor<'c, Database = D::Db>,
 {
     let now = now_ms();
-    let keys: Vec<(String, String)> = msgs
-        .iter()
-        .filter_map(|m| Some((m.from.clone(), m.client_id.clone()?)))
-        .collect::<HashSet<_>>()
-        .into_iter()
-        .collect();
-    let mut firsts = D::find_idempotent(c, &keys, now).await?;
+    let mut firsts = if look_up {
+        let keys: Vec<(String, String)> = msgs
+            .iter()
+            .filter_map(|m| Some((m.from.clone(), m.client_id.clone()?)))
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        D::find_idempotent(c, &keys, now).await?
+    } else {
+        HashMap::new()
+    };
     let convs: Vec<String> = msgs
         .iter()
         .map(|m| m.conv.clone())
@@ -722,6 +745,7 @@ fn mark_batch<'a, D: Dialect>(
     c: &'a mut Conn<D>,
     ops: &'a [&'a Op],
     _: &'a StoreLimits,
+    _: Try,
 ) -> futures_util::future::BoxFuture<'a, SqlResult<Vec<Outcome>>>
 where
     for<'c> &'c mut Conn<D>: sqlx::Executor<'c, Database = D::Db>,
@@ -774,6 +798,7 @@ fn single<'a, D: Dialect>(
     c: &'a mut Conn<D>,
     ops: &'a [&'a Op],
     limits: &'a StoreLimits,
+    _: Try,
 ) -> futures_util::future::BoxFuture<'a, SqlResult<Vec<Outcome>>>
 where
     for<'c> &'c mut Conn<D>: sqlx::Executor<'c, Database = D::Db>,

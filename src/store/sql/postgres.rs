@@ -98,8 +98,8 @@ dialect!(PgDialect, sqlx::Postgres, " FOR UPDATE", {
             )
         });
         let rows = sqlx::query(SQL.as_str())
-            .bind(keys.iter().map(|k| k.0.clone()).collect::<Vec<_>>())
-            .bind(keys.iter().map(|k| k.1.clone()).collect::<Vec<_>>())
+            .bind(keys.iter().map(|k| k.0.as_str()).collect::<Vec<_>>())
+            .bind(keys.iter().map(|k| k.1.as_str()).collect::<Vec<_>>())
             .bind(now as i64)
             .fetch_all(&mut *c)
             .await?;
@@ -140,8 +140,8 @@ dialect!(PgDialect, sqlx::Postgres, " FOR UPDATE", {
              CROSS JOIN LATERAL (SELECT conv, uid, role FROM members \
                WHERE conv = p.conv AND uid = p.uid LIMIT 1 FOR UPDATE) m ORDER BY p.n",
         )
-        .bind(pairs.iter().map(|p| p.0.clone()).collect::<Vec<_>>())
-        .bind(pairs.iter().map(|p| p.1.clone()).collect::<Vec<_>>())
+        .bind(pairs.iter().map(|p| p.0.as_str()).collect::<Vec<_>>())
+        .bind(pairs.iter().map(|p| p.1.as_str()).collect::<Vec<_>>())
         .fetch_all(&mut *c)
         .await?;
         rows.into_iter()
@@ -241,11 +241,11 @@ dialect!(PgDialect, sqlx::Postgres, " FOR UPDATE", {
                RETURNING 1) \
              SELECT count(*) FROM ids",
         )
-        .bind(m.iter().map(|m| m.conv.clone()).collect::<Vec<_>>())
+        .bind(m.iter().map(|m| m.conv.as_str()).collect::<Vec<_>>())
         .bind(i64s(m.iter().map(|m| m.seq)))
-        .bind(m.iter().map(|m| m.id.clone()).collect::<Vec<_>>())
-        .bind(m.iter().map(|m| m.from.clone()).collect::<Vec<_>>())
-        .bind(m.iter().map(|m| m.body.clone()).collect::<Vec<_>>())
+        .bind(m.iter().map(|m| m.id.as_str()).collect::<Vec<_>>())
+        .bind(m.iter().map(|m| m.from.as_str()).collect::<Vec<_>>())
+        .bind(m.iter().map(|m| m.body.as_deref()).collect::<Vec<_>>())
         .bind(i64s(m.iter().map(|m| m.ts)))
         .bind(
             m.iter()
@@ -257,16 +257,16 @@ dialect!(PgDialect, sqlx::Postgres, " FOR UPDATE", {
                 .map(|m| m.delete.map(|s| s as i64))
                 .collect::<Vec<_>>(),
         )
-        .bind(w.last.keys().cloned().collect::<Vec<_>>())
+        .bind(w.last.keys().map(String::as_str).collect::<Vec<_>>())
         .bind(i64s(w.last.values().map(|v| v.0)))
         .bind(i64s(w.last.values().map(|v| v.1)))
         .bind(member_rows.iter().map(|r| r.0).collect::<Vec<_>>())
         .bind(member_rows.iter().map(|r| r.1).collect::<Vec<_>>())
         .bind(member_rows.iter().map(|r| r.2.as_str()).collect::<Vec<_>>())
         .bind(member_rows.iter().map(|r| r.3).collect::<Vec<_>>())
-        .bind(i.iter().map(|r| r.0.clone()).collect::<Vec<_>>())
-        .bind(i.iter().map(|r| r.1.clone()).collect::<Vec<_>>())
-        .bind(i.iter().map(|r| r.2.clone()).collect::<Vec<_>>())
+        .bind(i.iter().map(|r| r.0.as_str()).collect::<Vec<_>>())
+        .bind(i.iter().map(|r| r.1.as_str()).collect::<Vec<_>>())
+        .bind(i.iter().map(|r| r.2.as_str()).collect::<Vec<_>>())
         .bind(i64s(i.iter().map(|r| r.3)))
         .bind(i64s(i.iter().map(|r| r.4)))
         .bind(now as i64)
