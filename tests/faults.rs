@@ -291,6 +291,38 @@ async fn resync_then_sync_has_everything(
     }
 }
 
+/// A node SIGKILLed and restarted with the same id before its TTL runs out is never
+/// seen dead by the others, so nobody cleans up after the killed process, which may
+/// have stored messages it never delivered. The new process does: a connection on
+/// another node in a conversation with one of the killed process's users is told to
+/// resync, and after a sync it has every message.
+#[tokio::test]
+async fn a_node_restarted_within_its_ttl_resyncs_its_predecessors_conversations() {
+    let env = ClusterEnv::start();
+    // A TTL far longer than the test: only the restarted process can tell.
+    let slow = ["--heartbeat-ms", "100", "--node-ttl-ms", "60000"];
+    let mut settings = env.settings("node-a");
+    settings.node_ttl = Duration::from_secs(60);
+    let a = TestNode::start(settings);
+    let start_b = || ProcessNode::start_with(&env.redis.url, &env.db, "node-b", &slow);
+    let mut b = start_b();
+    let mut alice = Client::connect(&a, "alice").await;
+    let mut bob = Client::connect_url(&b.ws_url("bob"), "bob").await;
+    let mut sent = BTreeMap::<String, BTreeSet<u64>>::new();
+    for i in 0..3 {
+        let s = bob
+            .direct("alice", &format!("b{i}"), &format!("b{i}"))
+            .await;
+        sent.entry(s["conv"].as_str().unwrap().to_owned())
+            .or_default()
+            .insert(s["seq"].as_u64().unwrap());
+    }
+    b.kill();
+    let _b = start_b();
+    let mut seen = Seen::default();
+    resync_then_sync_has_everything(&mut alice, &mut seen, &sent).await;
+}
+
 /// A node frozen past the TTL while others send to its users: it is declared dead and
 /// its queue given up; after SIGCONT it finds itself expelled, writes its directory
 /// entries again and tells its connections to resync, after which they have every

@@ -14,7 +14,7 @@ use serde_json::value::RawValue;
 use tokio::sync::oneshot;
 
 use super::delivery::{self, Delivery};
-use super::directory::Directory;
+use super::directory::{Directory, Removed};
 use super::liveness::{resync_after_death, Liveness, MAX_DEAD_CONVS};
 use super::queue::{Batch, Item, MembershipEvent, PresenceEvent};
 use super::upkeep::UpkeepState;
@@ -370,36 +370,7 @@ impl ClusterBridge {
                     return Ok(None);
                 }
                 let removed = directory.remove_node(&dead).await?;
-                let offline: std::collections::HashSet<&String> = removed.offline.iter().collect();
-                let mut convs = Some(std::collections::BTreeSet::new());
-                let mut gone = Vec::new();
-                for uid in &removed.users {
-                    let theirs = tokio::time::timeout(PEER_TIMEOUT, store.conversations(uid))
-                        .await
-                        .unwrap_or(Err(crate::store::StoreError::Timeout(PEER_TIMEOUT)));
-                    let theirs = theirs.unwrap_or_else(|e| {
-                        log::warn!("cannot read the conversations of {uid} of dead node {dead}: {e}");
-                        convs = None;
-                        Vec::new()
-                    });
-                    if offline.contains(uid) {
-                        let rooms = theirs
-                            .iter()
-                            .filter_map(|c| match crate::protocol::Conv::parse(&c.conv) {
-                                Some(crate::protocol::Conv::Room(r)) => Some(r.to_owned()),
-                                _ => None,
-                            })
-                            .collect();
-                        gone.push((uid.clone(), rooms));
-                    }
-                    if let Some(set) = &mut convs {
-                        set.extend(theirs.into_iter().map(|c| c.conv));
-                        if set.len() > MAX_DEAD_CONVS {
-                            convs = None;
-                        }
-                    }
-                }
-                let scope = resync_after_death(removed.api_sends, convs);
+                let (gone, scope) = after_death(&store, &dead, &removed).await;
                 Ok::<_, crate::store::StoreError>(Some((dead, gone, scope)))
             }
             .into_actor(self)
@@ -408,32 +379,40 @@ impl ClusterBridge {
                 match r {
                     Ok(None) => {}
                     Ok(Some((dead, gone, scope))) => {
-                        let whom = match &scope {
-                            ResyncScope::All => "every connection".to_owned(),
-                            ResyncScope::Convs(c) => format!("the connections of {} conversations", c.len()),
-                        };
                         log::warn!(
-                            "node {dead} stopped heartbeating; removed it ({} users went offline); resyncing {whom} on every node",
-                            gone.len()
+                            "node {dead} stopped heartbeating; removed it ({} users went offline); resyncing {} on every node",
+                            gone.len(),
+                            describe(&scope)
                         );
-                        for (uid, rooms) in gone {
-                            act.announce(uid, false, rooms, ctx);
-                        }
-                        for peer in act.liveness.peers() {
-                            act.delivery.resync(&peer, &scope);
-                            act.flush(peer, ctx);
-                        }
-                        let server = act.server.clone();
-                        ctx.spawn(
-                            async move {
-                                let _ = server.send(Resync { scope }).await;
-                            }
-                            .into_actor(act),
-                        );
+                        act.resync_everywhere(gone, scope, ctx);
                     }
                     Err(e) => log::warn!("cannot clean up a dead node yet: {e}"),
                 }
             }),
+        );
+    }
+
+    /// What a dead node's cleaner does after the removal: announces the users who went
+    /// offline and tells the connections in `scope`, here and on every peer, to sync.
+    fn resync_everywhere(
+        &mut self,
+        gone: Vec<(String, Vec<String>)>,
+        scope: ResyncScope,
+        ctx: &mut Context<Self>,
+    ) {
+        for (uid, rooms) in gone {
+            self.announce(uid, false, rooms, ctx);
+        }
+        for peer in self.liveness.peers() {
+            self.delivery.resync(&peer, &scope);
+            self.flush(peer, ctx);
+        }
+        let server = self.server.clone();
+        ctx.spawn(
+            async move {
+                let _ = server.send(Resync { scope }).await;
+            }
+            .into_actor(self),
         );
     }
 
@@ -514,6 +493,85 @@ impl Routed {
 }
 
 /// Deliver a message or event to the peers that hold its participants.
+/// After node `dead`'s entries were removed: the users who went offline with it (and
+/// their rooms, for presence) and whom to tell to resync (see [`resync_after_death`]).
+async fn after_death(
+    store: &SharedStore,
+    dead: &str,
+    removed: &Removed,
+) -> (Vec<(String, Vec<String>)>, ResyncScope) {
+    let offline: std::collections::HashSet<&String> = removed.offline.iter().collect();
+    let mut convs = Some(std::collections::BTreeSet::new());
+    let mut gone = Vec::new();
+    for uid in &removed.users {
+        let theirs = tokio::time::timeout(PEER_TIMEOUT, store.conversations(uid))
+            .await
+            .unwrap_or(Err(crate::store::StoreError::Timeout(PEER_TIMEOUT)));
+        let theirs = theirs.unwrap_or_else(|e| {
+            log::warn!("cannot read the conversations of {uid} of dead node {dead}: {e}");
+            convs = None;
+            Vec::new()
+        });
+        if offline.contains(uid) {
+            let rooms = theirs
+                .iter()
+                .filter_map(|c| match crate::protocol::Conv::parse(&c.conv) {
+                    Some(crate::protocol::Conv::Room(r)) => Some(r.to_owned()),
+                    _ => None,
+                })
+                .collect();
+            gone.push((uid.clone(), rooms));
+        }
+        if let Some(set) = &mut convs {
+            set.extend(theirs.into_iter().map(|c| c.conv));
+            if set.len() > MAX_DEAD_CONVS {
+                convs = None;
+            }
+        }
+    }
+    (gone, resync_after_death(removed.api_sends, convs))
+}
+
+fn describe(scope: &ResyncScope) -> String {
+    match scope {
+        ResyncScope::All => "every connection".to_owned(),
+        ResyncScope::Convs(c) => format!("the connections of {} conversations", c.len()),
+    }
+}
+
+/// What an earlier process with this node's id left in the directory when it started:
+/// that process ended without leaving (killed, crashed) and may have stored messages it
+/// never delivered. A restart within the TTL is never seen dead by the others, so this
+/// node does for its predecessor what a dead node's cleaner does.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Predecessor {
+    pub removed: Removed,
+}
+
+impl Handler<Predecessor> for ClusterBridge {
+    type Result = ();
+
+    fn handle(&mut self, msg: Predecessor, ctx: &mut Context<Self>) {
+        let store = self.store.clone();
+        let me = self.cfg.node_id.clone();
+        self.pending += 1;
+        ctx.spawn(
+            async move { after_death(&store, &me, &msg.removed).await }
+                .into_actor(self)
+                .map(|(gone, scope), act, ctx| {
+                    act.pending -= 1;
+                    log::warn!(
+                        "node {}: an earlier process with this id ended without leaving; resyncing {} on every node",
+                        act.cfg.node_id,
+                        describe(&scope)
+                    );
+                    act.resync_everywhere(gone, scope, ctx);
+                }),
+        );
+    }
+}
+
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Route {

@@ -213,8 +213,9 @@ pub async fn start(
     );
     let advertise = settings.advertise.clone().unwrap_or_default();
     // Entries left by an earlier process with this node id (killed without a goodbye)
-    // would route to connections that no longer exist.
-    directory
+    // would route to connections that no longer exist; the conversations of its users
+    // are resynced once the bridge runs (see [`bridge::Predecessor`]).
+    let predecessor = directory
         .remove_node(&settings.node_id)
         .await
         .map_err(ClusterError::Register)?;
@@ -251,6 +252,17 @@ pub async fn start(
         liveness,
     )
     .start();
+    if !predecessor.users.is_empty() || predecessor.api_sends {
+        // The bridge's mailbox is empty: it has only just started.
+        if bridge
+            .try_send(bridge::Predecessor {
+                removed: predecessor,
+            })
+            .is_err()
+        {
+            log::warn!("the cluster bridge did not take its predecessor's cleanup");
+        }
+    }
     let (sink, queue) = upkeep::channel(upkeep.clone());
     actix_web::rt::spawn(upkeep::run(
         directory.clone(),
