@@ -492,7 +492,6 @@ impl Routed {
     }
 }
 
-/// Deliver a message or event to the peers that hold its participants.
 /// After node `dead`'s entries were removed: the users who went offline with it (and
 /// their rooms, for presence) and whom to tell to resync (see [`resync_after_death`]).
 async fn after_death(
@@ -572,6 +571,7 @@ impl Handler<Predecessor> for ClusterBridge {
     }
 }
 
+/// Deliver a message or event to the peers that hold its participants.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Route {
