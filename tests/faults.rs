@@ -171,9 +171,7 @@ async fn flushall_mid_traffic_loses_nothing_and_live_delivery_resumes() {
             .insert(s["seq"].as_u64().unwrap());
         let to = if i % 2 == 0 { "rb" } else { "rc" };
         let s = sender.direct(to, &format!("d{i}"), &format!("d{i}")).await;
-        sent.entry(s["conv"].as_str().unwrap().to_owned())
-            .or_default()
-            .insert(s["seq"].as_u64().unwrap());
+        record_sent(&mut sent, &s);
         for (r, seen) in readers.iter_mut().zip(&mut seen) {
             while let Some(f) = r.try_recv().await {
                 seen.record(&f);
@@ -267,6 +265,13 @@ async fn ten_thousand_and_fifty_messages_are_all_in_history() {
     assert_eq!(seqs, (1..=total as u64).collect::<Vec<_>>());
 }
 
+/// Notes the conversation and seq of a `sent` frame.
+fn record_sent(sent: &mut BTreeMap<String, BTreeSet<u64>>, s: &Value) {
+    sent.entry(s["conv"].as_str().unwrap().to_owned())
+        .or_default()
+        .insert(s["seq"].as_u64().unwrap());
+}
+
 /// Reads `c` until it is told to `resync`, then syncs: afterwards it has seen exactly
 /// the `sent` seqs of every conversation.
 async fn resync_then_sync_has_everything(
@@ -313,9 +318,7 @@ async fn a_node_restarted_within_its_ttl_resyncs_its_predecessors_conversations(
         let s = bob
             .direct("alice", &format!("b{i}"), &format!("b{i}"))
             .await;
-        sent.entry(s["conv"].as_str().unwrap().to_owned())
-            .or_default()
-            .insert(s["seq"].as_u64().unwrap());
+        record_sent(&mut sent, &s);
     }
     b.kill();
     let _b = start_b();
@@ -338,22 +341,21 @@ async fn a_node_frozen_past_the_ttl_resyncs_its_connections() {
     bob.join("hall").await;
     let mut seen = Seen::default();
     let mut sent = BTreeMap::<String, BTreeSet<u64>>::new();
-    let mut record = |s: &Value| {
-        sent.entry(s["conv"].as_str().unwrap().to_owned())
-            .or_default()
-            .insert(s["seq"].as_u64().unwrap());
-    };
-    record(&alice.direct("bob", "before", "b0").await);
+    record_sent(&mut sent, &alice.direct("bob", "before", "b0").await);
     frozen.pause();
     // declared dead: its users go offline for the others
     alice.wait_online("bob", false).await;
     for i in 0..20 {
-        record(
+        record_sent(
+            &mut sent,
             &alice
                 .direct("bob", &format!("d{i}"), &format!("d{i}"))
                 .await,
         );
-        record(&alice.room("hall", &format!("h{i}"), &format!("h{i}")).await);
+        record_sent(
+            &mut sent,
+            &alice.room("hall", &format!("h{i}"), &format!("h{i}")).await,
+        );
     }
     frozen.resume();
     resync_then_sync_has_everything(&mut bob, &mut seen, &sent).await;
@@ -384,14 +386,9 @@ async fn a_peer_queue_that_gives_up_resyncs_the_peers_connections() {
     bob.join("hall").await;
     let mut seen = Seen::default();
     let mut sent = BTreeMap::<String, BTreeSet<u64>>::new();
-    let mut record = |s: &Value| {
-        sent.entry(s["conv"].as_str().unwrap().to_owned())
-            .or_default()
-            .insert(s["seq"].as_u64().unwrap());
-    };
     // the peer path works: one message reaches bob live
     let s = alice.direct("bob", "before", "b0").await;
-    record(&s);
+    record_sent(&mut sent, &s);
     loop {
         let f = bob.recv().await;
         seen.record(&f);
@@ -403,12 +400,16 @@ async fn a_peer_queue_that_gives_up_resyncs_the_peers_connections() {
     p.pause();
     // Within the TTL: routed to node-p, whose first POST hangs while the rest queue up.
     for i in 0..20 {
-        record(
+        record_sent(
+            &mut sent,
             &alice
                 .direct("bob", &format!("d{i}"), &format!("d{i}"))
                 .await,
         );
-        record(&alice.room("hall", &format!("h{i}"), &format!("h{i}")).await);
+        record_sent(
+            &mut sent,
+            &alice.room("hall", &format!("h{i}"), &format!("h{i}")).await,
+        );
     }
     common::eventually("node-a gives up node-p's queue", || {
         a.metric("chatmesh_peer_dropped_total") > dropped
