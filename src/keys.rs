@@ -23,6 +23,7 @@
 //! | `chatmesh:room_nodes:{room}` | SET of node ids | the nodes holding at least one connection of a member of `room` |
 //! | `chatmesh:node_users:{id}` | SET of user ids | the users with a connection on node `id`, so a dead node's entries can be removed |
 //! | `chatmesh:node_rooms:{id}` | SET of room ids | the rooms with a member connected to node `id`, likewise |
+//! | `chatmesh:node_left:{id}` | ZSET of user ids, score = when (unix ms) | the users whose last connection on node `id` closed in the last minute: its cleaner resyncs their conversations too |
 //! | `chatmesh:cleanup:{id}` | STRING with a TTL | taken (`SET NX PX`) by the node that removes dead node `id`'s entries |
 //! | `chatmesh:api_sends:{id}` | STRING with a TTL | set by node `id` before it stores a message for the server API; while it lives, the death of `id` resyncs every connection (an API message may be to any conversation) |
 //!
@@ -61,6 +62,12 @@ pub fn node_rooms(id: &str) -> String {
     format!("{PREFIX}node_rooms:{id}")
 }
 
+/// Users whose last connection on a node closed lately (ZSET user id -> unix ms), for
+/// cleaning up after it: a message one of them sent just before may be undelivered.
+pub fn node_left(id: &str) -> String {
+    format!("{PREFIX}node_left:{id}")
+}
+
 /// The claim of the node cleaning up after dead node `id` (STRING with a TTL).
 pub fn cleanup(id: &str) -> String {
     format!("{PREFIX}cleanup:{id}")
@@ -83,6 +90,7 @@ mod tests {
         assert_eq!(room_nodes("lobby"), "chatmesh:room_nodes:lobby");
         assert_eq!(node_users("n1"), "chatmesh:node_users:n1");
         assert_eq!(node_rooms("n1"), "chatmesh:node_rooms:n1");
+        assert_eq!(node_left("n1"), "chatmesh:node_left:n1");
         assert_eq!(cleanup("n1"), "chatmesh:cleanup:n1");
         assert_eq!(api_sends("n1"), "chatmesh:api_sends:n1");
     }
@@ -96,6 +104,7 @@ mod tests {
             room_nodes("x"),
             node_users("x"),
             node_rooms("x"),
+            node_left("x"),
             cleanup("x"),
             api_sends("x"),
         ];

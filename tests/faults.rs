@@ -326,6 +326,31 @@ async fn a_node_restarted_within_its_ttl_resyncs_its_predecessors_conversations(
     resync_then_sync_has_everything(&mut alice, &mut seen, &sent).await;
 }
 
+/// A user whose last connection closed just before their node died is no longer on the
+/// node's list, but a message they sent just before may be undelivered: the cleaner
+/// resyncs the conversations of the users who left the node lately as well.
+#[tokio::test]
+async fn a_node_that_dies_soon_after_a_user_left_resyncs_that_users_conversations() {
+    let env = ClusterEnv::start();
+    let a = env.node("node-a");
+    let mut b = env.process("node-b");
+    let mut alice = Client::connect(&a, "alice").await;
+    let mut bob = Client::connect_url(&b.ws_url("bob"), "bob").await;
+    let mut sent = BTreeMap::<String, BTreeSet<u64>>::new();
+    for i in 0..3 {
+        let s = bob
+            .direct("alice", &format!("b{i}"), &format!("b{i}"))
+            .await;
+        record_sent(&mut sent, &s);
+    }
+    drop(bob);
+    // bob's only connection is gone from node-b's list
+    alice.wait_online("bob", false).await;
+    b.kill();
+    let mut seen = Seen::default();
+    resync_then_sync_has_everything(&mut alice, &mut seen, &sent).await;
+}
+
 /// A node frozen past the TTL while others send to its users: it is declared dead and
 /// its queue given up; after SIGCONT it finds itself expelled, writes its directory
 /// entries again and tells its connections to resync, after which they have every

@@ -493,7 +493,8 @@ impl Routed {
 }
 
 /// After node `dead`'s entries were removed: the users who went offline with it (and
-/// their rooms, for presence) and whom to tell to resync (see [`resync_after_death`]).
+/// their rooms, for presence) and whom to tell to resync (see [`resync_after_death`]):
+/// the conversations of its users and of those who left it lately.
 async fn after_death(
     store: &SharedStore,
     dead: &str,
@@ -502,7 +503,7 @@ async fn after_death(
     let offline: std::collections::HashSet<&String> = removed.offline.iter().collect();
     let mut convs = Some(std::collections::BTreeSet::new());
     let mut gone = Vec::new();
-    for uid in &removed.users {
+    for uid in removed.users.iter().chain(&removed.left) {
         let theirs = tokio::time::timeout(PEER_TIMEOUT, store.conversations(uid))
             .await
             .unwrap_or(Err(crate::store::StoreError::Timeout(PEER_TIMEOUT)));

@@ -64,6 +64,9 @@ return {removed, redis.call('SCARD', KEYS[1])}
 
 /// How long a node's claim to clean up a dead node lasts.
 const CLEANUP_CLAIM: Duration = Duration::from_secs(10);
+/// How long a user whose last connection on a node closed stays noted for that node's
+/// cleaner: far longer than a stored message waits for its delivery to a peer.
+pub const LEFT_KEPT: Duration = Duration::from_secs(60);
 
 /// A change of this node's directory entries, in the order its ChatServer made it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -313,6 +316,10 @@ pub struct Removed {
     pub users: Vec<String>,
     /// Those of them with no connection left anywhere.
     pub offline: Vec<String>,
+    /// Users whose last connection on it closed within [`LEFT_KEPT`] of its last
+    /// directory update, not among `users`: a message one of them sent just before may
+    /// not have been delivered either.
+    pub left: Vec<String>,
     /// It stored messages for the server API lately (see [`Directory::note_api_sends`]):
     /// some may be to any conversation and undelivered.
     pub api_sends: bool,
@@ -380,7 +387,9 @@ impl Directory {
             return Ok(Vec::new());
         }
         let me = &self.node_id;
+        let now = crate::protocol::now_ms();
         let mut steps = Steps::default();
+        let mut pruned = false;
         // Where each op's script reply is.
         let mut at = Vec::with_capacity(ops.len());
         for op in ops {
@@ -393,7 +402,13 @@ impl Directory {
                 DirOp::UserOffline(uid) => {
                     at.push(Some(steps.steps.len()));
                     eval(&mut steps, REMOVE_LUA, keys::user_nodes(uid), me, 1);
+                    // Noted before the user leaves the node's list, so a cleaner after
+                    // this node's death finds them in one or the other.
+                    let left = keys::node_left(me);
+                    let cmd = redis::cmd("ZADD").arg(&left).arg(now).arg(uid).clone();
+                    steps.push(cmd, Some(left), 1);
                     set_cmd(&mut steps, "SREM", keys::node_users(me), uid, 2);
+                    pruned = true;
                 }
                 DirOp::RoomOccupied(room) => {
                     at.push(None);
@@ -406,6 +421,16 @@ impl Directory {
                     set_cmd(&mut steps, "SREM", keys::node_rooms(me), room, 2);
                 }
             }
+        }
+        if pruned {
+            let left = keys::node_left(me);
+            let cutoff = now.saturating_sub(LEFT_KEPT.as_millis() as u64);
+            let cmd = redis::cmd("ZREMRANGEBYSCORE")
+                .arg(&left)
+                .arg("-inf")
+                .arg(format!("({cutoff}"))
+                .clone();
+            steps.push(cmd, Some(left), 2);
         }
         let replies = steps.run(&self.conn).await?;
         ops.iter()
@@ -586,6 +611,15 @@ impl Directory {
             Some(keys::api_sends(id)),
             0,
         );
+        read.push(
+            redis::cmd("ZRANGE")
+                .arg(keys::node_left(id))
+                .arg(0)
+                .arg(-1)
+                .clone(),
+            Some(keys::node_left(id)),
+            0,
+        );
         let had = read.run(&self.conn).await?;
         let api_sends = !matches!(had.get(2), None | Some(Value::Nil));
         let list = |v: Option<&Value>| -> Result<Vec<String>, StoreError> {
@@ -595,6 +629,8 @@ impl Directory {
                 .map(Option::unwrap_or_default)
         };
         let (users, rooms) = (list(had.first())?, list(had.get(1))?);
+        let mut left = list(had.get(3))?;
+        left.retain(|uid| !users.contains(uid));
         let mut steps = Steps::default();
         for uid in &users {
             eval(&mut steps, REMOVE_LUA, keys::user_nodes(uid), id, 0);
@@ -617,6 +653,11 @@ impl Directory {
             Some(keys::api_sends(id)),
             1,
         );
+        steps.push(
+            redis::cmd("DEL").arg(keys::node_left(id)).clone(),
+            Some(keys::node_left(id)),
+            1,
+        );
         set_cmd(&mut steps, "HDEL", keys::node_addrs(), id, 1);
         set_cmd(&mut steps, "ZREM", keys::nodes(), id, 2);
         let replies = steps.run(&self.conn).await?;
@@ -629,6 +670,7 @@ impl Directory {
         Ok(Removed {
             users,
             offline,
+            left,
             api_sends,
         })
     }

@@ -252,7 +252,7 @@ pub async fn start(
         liveness,
     )
     .start();
-    if !predecessor.users.is_empty() || predecessor.api_sends {
+    if !predecessor.users.is_empty() || !predecessor.left.is_empty() || predecessor.api_sends {
         // The bridge's mailbox is empty: it has only just started.
         if bridge
             .try_send(bridge::Predecessor {
