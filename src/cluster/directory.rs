@@ -638,26 +638,15 @@ impl Directory {
         for room in &rooms {
             set_cmd(&mut steps, "SREM", keys::room_nodes(room), id, 0);
         }
-        steps.push(
-            redis::cmd("DEL").arg(keys::node_users(id)).clone(),
-            Some(keys::node_users(id)),
-            1,
-        );
-        steps.push(
-            redis::cmd("DEL").arg(keys::node_rooms(id)).clone(),
-            Some(keys::node_rooms(id)),
-            1,
-        );
-        steps.push(
-            redis::cmd("DEL").arg(keys::api_sends(id)).clone(),
-            Some(keys::api_sends(id)),
-            1,
-        );
-        steps.push(
-            redis::cmd("DEL").arg(keys::node_left(id)).clone(),
-            Some(keys::node_left(id)),
-            1,
-        );
+        // The node's own keys, each deleted whole.
+        for key in [
+            keys::node_users(id),
+            keys::node_rooms(id),
+            keys::api_sends(id),
+            keys::node_left(id),
+        ] {
+            steps.push(redis::cmd("DEL").arg(&key).clone(), Some(key), 1);
+        }
         set_cmd(&mut steps, "HDEL", keys::node_addrs(), id, 1);
         set_cmd(&mut steps, "ZREM", keys::nodes(), id, 2);
         let replies = steps.run(&self.conn).await?;
