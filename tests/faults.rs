@@ -272,6 +272,18 @@ fn record_sent(sent: &mut BTreeMap<String, BTreeSet<u64>>, s: &Value) {
         .insert(s["seq"].as_u64().unwrap());
 }
 
+/// `from` sends `n` direct messages to alice; answers their seqs by conversation.
+async fn directs_to_alice(from: &mut Client, n: usize) -> BTreeMap<String, BTreeSet<u64>> {
+    let mut sent = BTreeMap::new();
+    for i in 0..n {
+        let s = from
+            .direct("alice", &format!("b{i}"), &format!("b{i}"))
+            .await;
+        record_sent(&mut sent, &s);
+    }
+    sent
+}
+
 /// Reads `c` until it is told to `resync`, then syncs: afterwards it has seen exactly
 /// the `sent` seqs of every conversation.
 async fn resync_then_sync_has_everything(
@@ -313,13 +325,7 @@ async fn a_node_restarted_within_its_ttl_resyncs_its_predecessors_conversations(
     let mut b = start_b();
     let mut alice = Client::connect(&a, "alice").await;
     let mut bob = Client::connect_url(&b.ws_url("bob"), "bob").await;
-    let mut sent = BTreeMap::<String, BTreeSet<u64>>::new();
-    for i in 0..3 {
-        let s = bob
-            .direct("alice", &format!("b{i}"), &format!("b{i}"))
-            .await;
-        record_sent(&mut sent, &s);
-    }
+    let sent = directs_to_alice(&mut bob, 3).await;
     b.kill();
     let _b = start_b();
     let mut seen = Seen::default();
@@ -336,13 +342,7 @@ async fn a_node_that_dies_soon_after_a_user_left_resyncs_that_users_conversation
     let mut b = env.process("node-b");
     let mut alice = Client::connect(&a, "alice").await;
     let mut bob = Client::connect_url(&b.ws_url("bob"), "bob").await;
-    let mut sent = BTreeMap::<String, BTreeSet<u64>>::new();
-    for i in 0..3 {
-        let s = bob
-            .direct("alice", &format!("b{i}"), &format!("b{i}"))
-            .await;
-        record_sent(&mut sent, &s);
-    }
+    let sent = directs_to_alice(&mut bob, 3).await;
     drop(bob);
     // bob's only connection is gone from node-b's list
     alice.wait_online("bob", false).await;
