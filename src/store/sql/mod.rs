@@ -160,6 +160,14 @@ pub struct AppendWrites {
     pub idempotency: Vec<(String, String, String, u64, u64)>,
 }
 
+/// What [`Dialect::lock_for_append`] answers: the conversations' last seqs and the
+/// roles of the member rows it locked.
+#[derive(Debug, Default)]
+pub struct Locked {
+    pub last: HashMap<String, u64>,
+    pub roles: HashMap<(String, String), Role>,
+}
+
 /// What a database must do for the shared algorithms below: small queries, each one
 /// statement (or a loop of them where SQLite has no arrays).
 #[async_trait]
@@ -172,14 +180,16 @@ pub trait Dialect: Send + Sync + 'static {
         keys: &[(String, String)],
         now: u64,
     ) -> SqlResult<HashMap<(String, String), Message>>;
-    /// Makes sure each conversation has its counter row, locks them (sorted) and
-    /// answers their last seqs.
-    async fn lock_convs(c: &mut Conn<Self>, convs: &[String]) -> SqlResult<HashMap<String, u64>>;
-    /// The roles of (conv, uid) pairs that have one, locked against removal.
-    async fn roles(
+    /// What an append batch decides on, locked: makes sure each conversation has its
+    /// counter row and locks them (sorted), then locks the member rows of the (conv, uid)
+    /// pairs (sorted) against removal. Answers the conversations' last seqs and the
+    /// roles of the pairs that have one. Counters before members, each in sorted order:
+    /// every transaction that locks both locks them in this order, so none deadlock.
+    async fn lock_for_append(
         c: &mut Conn<Self>,
+        convs: &[String],
         pairs: &[(String, String)],
-    ) -> SqlResult<HashMap<(String, String), Role>>;
+    ) -> SqlResult<Locked>;
     /// The messages edits and deletes name, where they exist.
     async fn targets(
         c: &mut Conn<Self>,
@@ -626,17 +636,15 @@ where
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .collect();
-    let mut last = D::lock_convs(c, &convs).await?;
     // Every sender's member row (rooms and DMs): its role decides room messages, and
     // PostgreSQL locks it here, in sorted order, before the batch writes its marks.
-    let mut role_pairs: Vec<(String, String)> = msgs
+    let role_pairs: Vec<(String, String)> = msgs
         .iter()
         .map(|m| (m.conv.clone(), m.from.clone()))
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .collect();
-    role_pairs.sort();
-    let roles = D::roles(c, &role_pairs).await?;
+    let Locked { mut last, roles } = D::lock_for_append(c, &convs, &role_pairs).await?;
     let target_pairs: Vec<(String, u64)> = msgs
         .iter()
         .filter_map(|m| match m.change {

@@ -18,7 +18,7 @@ use sqlx::Row;
 
 use super::message_at;
 use super::{
-    dialect, pool_timeout, prefixed, role_from, AppendWrites, Conn, SqlResult, SqlStore,
+    dialect, pool_timeout, prefixed, role_from, AppendWrites, Conn, Locked, SqlResult, SqlStore,
     MESSAGE_COLUMNS,
 };
 use crate::protocol::{room_conv, Conv, Message};
@@ -110,43 +110,55 @@ dialect!(PgDialect, sqlx::Postgres, " FOR UPDATE", {
         Ok(found)
     }
 
-    async fn lock_convs(c: &mut Conn<Self>, convs: &[String]) -> SqlResult<HashMap<String, u64>> {
-        // One statement: the rows are made if missing (a first message on two nodes at
-        // once: one inserts, the other waits for it) and locked, in sorted order, as
-        // `ON CONFLICT DO UPDATE` locks the row it conflicts with.
-        let rows: Vec<(String, i64)> = sqlx::query_as(
-            "INSERT INTO conversations AS c (conv) SELECT v FROM unnest($1::text[]) AS t(v) \
-             ORDER BY v ON CONFLICT (conv) DO UPDATE SET conv = excluded.conv \
-             RETURNING c.conv, c.last_seq",
+    async fn lock_for_append(
+        c: &mut Conn<Self>,
+        convs: &[String],
+        pairs: &[(String, String)],
+    ) -> SqlResult<Locked> {
+        // One statement, one round trip. The counter rows are made if missing (a first
+        // message on two nodes at once: one inserts, the other waits for it) and locked
+        // in sorted order, as `ON CONFLICT DO UPDATE` locks the row it conflicts with.
+        // Then the member rows, by LATERAL probes in the (sorted) order of the arrays,
+        // each locking its row (LIMIT 1 keeps them probes: see find_idempotent). The
+        // probes name `k.n`, the count of the counter rows, so none can run before the
+        // upsert has locked every counter: counters first, then members, as every
+        // transaction that locks both does.
+        let rows: Vec<(String, Option<String>, Option<i64>, Option<String>)> = sqlx::query_as(
+            "WITH c AS ( \
+               INSERT INTO conversations AS c (conv) SELECT v FROM unnest($1::text[]) AS t(v) \
+               ORDER BY v ON CONFLICT (conv) DO UPDATE SET conv = excluded.conv \
+               RETURNING c.conv, c.last_seq), \
+             k AS (SELECT count(*) AS n FROM c) \
+             SELECT conv, NULL, last_seq, NULL FROM c \
+             UNION ALL \
+             SELECT m.conv, m.uid, NULL, m.role FROM k \
+             CROSS JOIN LATERAL (SELECT p.n, r.conv, r.uid, r.role \
+               FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS p(conv, uid, n) \
+               CROSS JOIN LATERAL (SELECT conv, uid, role FROM members \
+                 WHERE conv = p.conv AND uid = p.uid AND k.n >= 0 LIMIT 1 FOR UPDATE) r) m",
         )
         .bind(convs)
-        .fetch_all(&mut *c)
-        .await?;
-        Ok(rows.into_iter().map(|(c, s)| (c, s as u64)).collect())
-    }
-
-    async fn roles(
-        c: &mut Conn<Self>,
-        pairs: &[(String, String)],
-    ) -> SqlResult<HashMap<(String, String), Role>> {
-        if pairs.is_empty() {
-            return Ok(HashMap::new());
-        }
-        // LATERAL probes in the (sorted) order of the arrays, each locking its row
-        // (LIMIT 1 keeps them probes: see find_idempotent).
-        let rows: Vec<(String, String, String)> = sqlx::query_as(
-            "SELECT m.conv, m.uid, m.role FROM unnest($1::text[], $2::text[]) \
-             WITH ORDINALITY AS p(conv, uid, n) \
-             CROSS JOIN LATERAL (SELECT conv, uid, role FROM members \
-               WHERE conv = p.conv AND uid = p.uid LIMIT 1 FOR UPDATE) m ORDER BY p.n",
-        )
         .bind(pairs.iter().map(|p| p.0.as_str()).collect::<Vec<_>>())
         .bind(pairs.iter().map(|p| p.1.as_str()).collect::<Vec<_>>())
         .fetch_all(&mut *c)
         .await?;
-        rows.into_iter()
-            .map(|(conv, uid, role)| Ok(((conv, uid), role_from(&role)?)))
-            .collect()
+        let mut locked = Locked::default();
+        for (conv, uid, last_seq, role) in rows {
+            match (uid, last_seq, role) {
+                (None, Some(seq), _) => {
+                    locked.last.insert(conv, seq as u64);
+                }
+                (Some(uid), _, Some(role)) => {
+                    locked.roles.insert((conv, uid), role_from(&role)?);
+                }
+                _ => {
+                    return Err(sqlx::Error::Protocol(
+                        "lock_for_append: a row of neither kind".into(),
+                    ))
+                }
+            }
+        }
+        Ok(locked)
     }
 
     async fn targets(

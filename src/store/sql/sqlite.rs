@@ -18,8 +18,8 @@ use sqlx::Row;
 
 use super::message_at;
 use super::{
-    dialect, map_err, pool_timeout, prefixed, role_from, AppendWrites, Conn, SqlResult, SqlStore,
-    MESSAGE_COLUMNS,
+    dialect, map_err, pool_timeout, prefixed, role_from, AppendWrites, Conn, Locked, SqlResult,
+    SqlStore, MESSAGE_COLUMNS,
 };
 use crate::protocol::{room_conv, Message};
 use crate::store::rules::{RoomView, Target, UserView};
@@ -129,8 +129,13 @@ dialect!(SqliteDialect, sqlx::Sqlite, "", {
         Ok(found)
     }
 
-    async fn lock_convs(c: &mut Conn<Self>, convs: &[String]) -> SqlResult<HashMap<String, u64>> {
-        let mut last = HashMap::new();
+    async fn lock_for_append(
+        c: &mut Conn<Self>,
+        convs: &[String],
+        pairs: &[(String, String)],
+    ) -> SqlResult<Locked> {
+        // SQLite has one writer, this node's: nothing else writes meanwhile.
+        let mut locked = Locked::default();
         for conv in convs {
             let (seq,): (i64,) = sqlx::query_as(
                 "INSERT INTO conversations (conv) VALUES ($1) \
@@ -139,22 +144,14 @@ dialect!(SqliteDialect, sqlx::Sqlite, "", {
             .bind(conv)
             .fetch_one(&mut *c)
             .await?;
-            last.insert(conv.clone(), seq as u64);
+            locked.last.insert(conv.clone(), seq as u64);
         }
-        Ok(last)
-    }
-
-    async fn roles(
-        c: &mut Conn<Self>,
-        pairs: &[(String, String)],
-    ) -> SqlResult<HashMap<(String, String), Role>> {
-        let mut roles = HashMap::new();
         for (conv, uid) in pairs {
             if let Some(role) = Self::role(c, conv, uid).await? {
-                roles.insert((conv.clone(), uid.clone()), role);
+                locked.roles.insert((conv.clone(), uid.clone()), role);
             }
         }
-        Ok(roles)
+        Ok(locked)
     }
 
     async fn targets(
