@@ -141,13 +141,18 @@ impl Delivery {
     /// Waits for room in the ChatServer's and the bridge's mailboxes (bounded), so a
     /// node under load slows its senders instead of dropping their messages.
     pub async fn deliver(&self, message: Arc<Message>, origin: Option<SessionId>) {
+        let Some(json) = message.frame() else {
+            return;
+        };
+        let frame = ByteString::from(json.get());
         if let Some(cluster) = &self.cluster {
-            cluster.route(message.clone()).await;
+            cluster.route(message.clone(), json.into()).await;
         }
         if self
             .server
             .send(Fanout {
                 message,
+                frame,
                 exclude: origin,
             })
             .await

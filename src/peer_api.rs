@@ -11,22 +11,27 @@
 
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
+use bytestring::ByteString;
 use serde::Deserialize;
+use serde_json::value::RawValue;
 
 use crate::cluster::queue::{MembershipEvent, PresenceEvent};
 use crate::http::{bearer_ok, ApiError, AppState};
-use crate::protocol::Message;
-use crate::server::{ConvEvent, FanoutBatch, Membership, PeerEvent, Presence, Resync, ResyncScope};
+use crate::protocol::{FrameHead, Message, ServerFrame};
+use crate::server::{
+    ConvEvent, FanoutBatch, Membership, PeerEvent, PeerMessage, Presence, Resync, ResyncScope,
+};
 
 /// Largest batch body a peer may send (MAX_BATCH messages of the largest body, with
 /// room for JSON escaping).
 const MAX_BATCH_BYTES: usize = 64 * 1024 * 1024;
 
 #[derive(Deserialize)]
-struct BatchIn {
+struct BatchIn<'a> {
     from: String,
-    #[serde(default)]
-    messages: Vec<Message>,
+    /// `message` frames, passed on to the sessions as they came (see [`peer_message`]).
+    #[serde(default, borrow)]
+    messages: Vec<&'a RawValue>,
     #[serde(default)]
     presence: Vec<PresenceEvent>,
     #[serde(default)]
@@ -45,6 +50,25 @@ pub fn peer_routes(cfg: &mut web::ServiceConfig) {
             .app_data(web::PayloadConfig::new(MAX_BATCH_BYTES))
             .route(web::post().to(deliver)),
     );
+}
+
+/// A stored message from a peer's batch: its frame's bytes as the peer serialised them
+/// (once, for every connection that gets it), and whom it is for, read from the frame.
+/// A peer of an older version sends the bare message; its frame is made here.
+fn peer_message(json: &RawValue) -> Result<PeerMessage, serde_json::Error> {
+    let head: FrameHead = serde_json::from_str(json.get())?;
+    let owned = |s: Option<std::borrow::Cow<str>>| s.map(|s| s.into_owned());
+    let frame = if head.kind.as_deref() == Some("message") {
+        ByteString::from(json.get())
+    } else {
+        ServerFrame::Message(&serde_json::from_str::<Message>(json.get())?).to_text()
+    };
+    Ok(PeerMessage {
+        from: head.from.into_owned(),
+        to: owned(head.to),
+        room: owned(head.room),
+        frame,
+    })
 }
 
 fn stopped() -> ApiError {
@@ -76,8 +100,15 @@ async fn deliver(
             "Authorization: Bearer <cluster secret> required",
         ));
     }
-    let batch: BatchIn = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_json", &e.to_string()))?;
+    let bad_json =
+        |e: serde_json::Error| ApiError::new(StatusCode::BAD_REQUEST, "bad_json", &e.to_string());
+    let batch: BatchIn = serde_json::from_slice(&body).map_err(bad_json)?;
+    let messages = batch
+        .messages
+        .iter()
+        .map(|json| peer_message(json))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(bad_json)?;
     let chat = &state.chat;
     let server = &chat.server;
     let n = batch.messages.len();
@@ -109,9 +140,7 @@ async fn deliver(
     }
     if n > 0 {
         server
-            .send(FanoutBatch {
-                messages: batch.messages,
-            })
+            .send(FanoutBatch { messages })
             .await
             .map_err(|_| stopped())?;
     }
@@ -146,4 +175,50 @@ async fn deliver(
         server.send(Resync { scope }).await.map_err(|_| stopped())?;
     }
     Ok(HttpResponse::Ok().json(serde_json::json!({ "delivered": n })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(s: &str) -> Box<RawValue> {
+        RawValue::from_string(s.to_owned()).unwrap()
+    }
+
+    #[test]
+    fn a_peers_frame_is_passed_on_as_it_came() {
+        let m = Message::new(
+            "dm:alice:bob",
+            3,
+            "i".into(),
+            "alice",
+            Some("a \"b\"".into()),
+            7,
+        );
+        let frame = m.frame().unwrap();
+        assert_eq!(frame.get(), &*ServerFrame::Message(&m).to_text());
+        // A field this version does not know travels through: the bytes are not remade.
+        let newer = raw(&frame.get().replacen('{', r#"{"later":[1,2],"#, 1));
+        let p = peer_message(&newer).unwrap();
+        assert_eq!(&*p.frame, newer.get());
+        assert_eq!(p.from, "alice");
+        assert_eq!(p.to.as_deref(), Some("bob"));
+        assert_eq!(p.room, None);
+    }
+
+    #[test]
+    fn an_older_peers_bare_message_gets_its_frame_made_here() {
+        let m = Message::new("room:lobby", 1, "i".into(), "carol", Some("x".into()), 7);
+        let bare = serde_json::value::to_raw_value(&m).unwrap();
+        let p = peer_message(&bare).unwrap();
+        assert_eq!(p.frame, ServerFrame::Message(&m).to_text());
+        assert_eq!(p.room.as_deref(), Some("lobby"));
+        assert_eq!(p.to, None);
+    }
+
+    #[test]
+    fn a_message_without_its_sender_is_refused() {
+        assert!(peer_message(&raw(r#"{"type":"message","conv":"room:x","seq":1}"#)).is_err());
+        assert!(peer_message(&raw(r#"[1]"#)).is_err());
+    }
 }

@@ -4,9 +4,11 @@
 //! first JSON (`bad_json`), then the `type` tag (`unknown_type`), then the fields
 //! of that type (`invalid`).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 /// Longest user or room id.
 pub const MAX_ID_LEN: usize = 64;
@@ -331,7 +333,35 @@ fn is_false(b: &bool) -> bool {
     !*b
 }
 
+/// Whom a `message` frame is for, read from the frame itself: a node passes on the frame
+/// a peer serialised as it came (see [`Message::frame`]).
+#[derive(Debug, Deserialize)]
+pub struct FrameHead<'a> {
+    /// `message` in a frame; absent where a peer sent the bare message.
+    #[serde(rename = "type", default, borrow)]
+    pub kind: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    pub from: Cow<'a, str>,
+    #[serde(default, borrow)]
+    pub to: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    pub room: Option<Cow<'a, str>>,
+}
+
 impl Message {
+    /// This message's `message` frame, serialised once on the node that stored it and
+    /// carried as those bytes to every connection that gets it: the node's own, and
+    /// (in the peer batch) its peers'. None only if serde_json fails (logged).
+    pub fn frame(&self) -> Option<Box<RawValue>> {
+        match serde_json::value::to_raw_value(&ServerFrame::Message(self)) {
+            Ok(json) => Some(json),
+            Err(e) => {
+                log::error!("cannot serialise message {}: {e}", self.id);
+                None
+            }
+        }
+    }
+
     /// A message of `conv` from `from`, with `to` / `room` filled in from the
     /// conversation id.
     pub fn new(

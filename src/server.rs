@@ -111,6 +111,8 @@ pub struct Answer {
 #[rtype(result = "()")]
 pub struct Fanout {
     pub message: Arc<ChatMessage>,
+    /// Its `message` frame ([`ChatMessage::frame`]).
+    pub frame: ByteString,
     /// The sending connection, which gets `sent` instead.
     pub exclude: Option<SessionId>,
 }
@@ -119,7 +121,16 @@ pub struct Fanout {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct FanoutBatch {
-    pub messages: Vec<ChatMessage>,
+    pub messages: Vec<PeerMessage>,
+}
+
+/// A stored message from a peer: whom it is for, and its `message` frame as the peer
+/// serialised it.
+pub struct PeerMessage {
+    pub from: String,
+    pub to: Option<String>,
+    pub room: Option<String>,
+    pub frame: ByteString,
 }
 
 /// A user came online (first connection anywhere) or went offline (last one closed)
@@ -349,15 +360,23 @@ impl ChatServer {
         Some(recorded)
     }
 
-    fn fanout(&self, m: &ChatMessage, exclude: Option<SessionId>) {
-        let frame = ServerFrame::Message(m).to_text();
-        let targets = match (&m.room, &m.to) {
+    /// Pushes a message's frame to the local sessions of a room's members, or of a
+    /// DM's two participants, but `exclude` (the sending connection).
+    fn fanout(
+        &self,
+        from: &str,
+        to: Option<&str>,
+        room: Option<&str>,
+        frame: &ByteString,
+        exclude: Option<SessionId>,
+    ) {
+        let targets = match (room, to) {
             (Some(room), _) => self.registry.targets(&[], Some(room), exclude),
-            (None, Some(to)) => self.registry.targets(&[&m.from, to], None, exclude),
+            (None, Some(to)) => self.registry.targets(&[from, to], None, exclude),
             (None, None) => Vec::new(),
         };
         for h in targets {
-            self.push_message(h, &frame);
+            self.push_message(h, frame);
         }
     }
 }
@@ -532,7 +551,9 @@ impl Handler<Fanout> for ChatServer {
     type Result = ();
 
     fn handle(&mut self, msg: Fanout, _: &mut Context<Self>) {
-        self.fanout(&msg.message, msg.exclude);
+        let m = &msg.message;
+        let (to, room) = (m.to.as_deref(), m.room.as_deref());
+        self.fanout(&m.from, to, room, &msg.frame, msg.exclude);
     }
 }
 
@@ -541,7 +562,8 @@ impl Handler<FanoutBatch> for ChatServer {
 
     fn handle(&mut self, msg: FanoutBatch, _: &mut Context<Self>) {
         for m in &msg.messages {
-            self.fanout(m, None);
+            let (to, room) = (m.to.as_deref(), m.room.as_deref());
+            self.fanout(&m.from, to, room, &m.frame, None);
         }
     }
 }

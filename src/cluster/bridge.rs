@@ -114,7 +114,7 @@ impl ClusterBridge {
     /// Queues one routed thing for `node` (not this one).
     fn queue_routed(&mut self, node: &str, routed: &Routed, json: Option<&Arc<RawValue>>) {
         match (routed, json) {
-            (Routed::Message(m), Some(json)) => self.queue_message(node, json, &m.conv),
+            (Routed::Message(m, _), Some(json)) => self.queue_message(node, json, &m.conv),
             (Routed::Event(e), _) if node != self.cfg.node_id => {
                 self.delivery.event(node, Item::Event(e.clone()), None)
             }
@@ -439,16 +439,6 @@ impl ClusterBridge {
     }
 }
 
-fn serialise(m: &ChatMessage) -> Option<Arc<RawValue>> {
-    match serde_json::value::to_raw_value(m) {
-        Ok(json) => Some(json.into()),
-        Err(e) => {
-            log::error!("cannot serialise message {}: {e}", m.id);
-            None
-        }
-    }
-}
-
 impl Actor for ClusterBridge {
     type Context = Context<Self>;
 
@@ -469,8 +459,9 @@ impl Actor for ClusterBridge {
 /// What is routed to the peers holding a conversation's participants.
 #[derive(Clone)]
 pub enum Routed {
-    /// A message this node stored.
-    Message(Arc<ChatMessage>),
+    /// A message this node stored, and its `message` frame (serialised once, for this
+    /// node's sessions and every peer).
+    Message(Arc<ChatMessage>, Arc<RawValue>),
     /// A mark or typing event that passed this node's rules.
     Event(Arc<PeerEvent>),
 }
@@ -478,15 +469,15 @@ pub enum Routed {
 impl Routed {
     fn conv(&self) -> &str {
         match self {
-            Routed::Message(m) => &m.conv,
+            Routed::Message(m, _) => &m.conv,
             Routed::Event(e) => &e.conv,
         }
     }
 
-    /// A message serialised once for all its peers.
+    /// A message's frame, for all its peers.
     fn json(&self) -> Option<Arc<RawValue>> {
         match self {
-            Routed::Message(m) => serialise(m),
+            Routed::Message(_, json) => Some(json.clone()),
             Routed::Event(_) => None,
         }
     }

@@ -26,6 +26,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use serde_json::value::RawValue;
 
 use self::bridge::{BridgeConfig, Busy, ClusterBridge, Deregister, Forward, Route, Routed, Stop};
 use self::directory::{Directory, Timeouts};
@@ -97,8 +98,9 @@ impl Cluster {
 
     /// Carries a stored message to the peers that hold its recipients. Waits for room
     /// in the bridge's mailbox, so a node under load slows its senders.
-    pub async fn route(&self, message: Arc<ChatMessage>) {
-        let routed = Routed::Message(message);
+    /// `frame` is its `message` frame, which the peers pass on as it is.
+    pub async fn route(&self, message: Arc<ChatMessage>, frame: Arc<RawValue>) {
+        let routed = Routed::Message(message, frame);
         if self.bridge.send(Route { routed }).await.is_err() {
             log::warn!("the cluster bridge has stopped: a stored message was not routed");
         }

@@ -39,7 +39,8 @@ pub struct MembershipEvent {
 
 #[derive(Debug, Clone)]
 pub enum Item {
-    /// A stored message, serialised once for every peer it goes to.
+    /// A stored message's `message` frame, serialised once for this node's sessions and
+    /// every peer it goes to (which pass it on as it is).
     Message(Arc<RawValue>),
     Presence(Arc<PresenceEvent>),
     Membership(Arc<MembershipEvent>),
