@@ -636,14 +636,25 @@ where
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .collect();
-    // Every sender's member row (rooms and DMs): its role decides room messages, and
-    // PostgreSQL locks it here, in sorted order, before the batch writes its marks.
-    let role_pairs: Vec<(String, String)> = msgs
+    // A room message is decided by its sender's role, so in a batch with one, every
+    // sender's member row (rooms and DMs) is read and, on PostgreSQL, locked here, in
+    // sorted order (a removal waits), before the batch writes its marks. A batch of DMs
+    // reads none: a DM's participants are named by its conversation, and the write
+    // locks their rows in the same sorted order as it writes their marks. All or none:
+    // locking the rooms' rows here and the DMs' in the write would take the DMs' rows
+    // ("dm:" sorts first) after the rooms', against the order of the marks transaction.
+    let rooms = msgs
         .iter()
-        .map(|m| (m.conv.clone(), m.from.clone()))
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .collect();
+        .any(|m| matches!(Conv::parse(&m.conv), Some(Conv::Room(_))));
+    let role_pairs: Vec<(String, String)> = if rooms {
+        msgs.iter()
+            .map(|m| (m.conv.clone(), m.from.clone()))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect()
+    } else {
+        Vec::new()
+    };
     let Locked { mut last, roles } = D::lock_for_append(c, &convs, &role_pairs).await?;
     let target_pairs: Vec<(String, u64)> = msgs
         .iter()

@@ -2,11 +2,11 @@
 //!
 //! Every node has its own writer, so here the rows a transaction depends on are locked:
 //! the conversations' counter rows (by an upsert, which locks the row it conflicts with
-//! like `FOR UPDATE`; sorted), then the senders' member
-//! rows (`FOR UPDATE`, sorted: a concurrent removal waits, and a sender's marks are
-//! written without deadlocking with the marks transaction, which locks in the same
-//! order). Batches are written with arrays (`unnest`), so an append batch costs a fixed
-//! number of round trips whatever its size.
+//! like `FOR UPDATE`; sorted), then, in a batch with room messages, the senders' member
+//! rows (`FOR UPDATE`, sorted: a concurrent removal waits), in one statement; the write
+//! then locks the member rows whose marks it writes, sorted, as the marks transaction
+//! does, so neither deadlocks with it. Batches are written with arrays (`unnest`), so an
+//! append batch costs a fixed number of round trips whatever its size.
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -207,11 +207,11 @@ dialect!(PgDialect, sqlx::Postgres, " FOR UPDATE", {
         // `UPDATE ... FROM unnest(...)`: the conflict check probes the primary key row by
         // row, where a join is planned, and a plan made while a table was small (cached
         // with the prepared statement) scans it whole once it is large. The counter rows
-        // exist (lock_convs made them); the member rows are the batch's new DM
-        // participants (inserted) and its senders, whose rows exist and are locked
-        // (roles() read them FOR UPDATE and the rules refuse a sender without one), so
-        // the role given for them is never written. Sorted, so two nodes lock the rows
-        // in the same order.
+        // exist (lock_for_append made them); the member rows are the batch's new DM
+        // participants (inserted) and its senders, whose rows exist (a room sender's was
+        // read FOR UPDATE by lock_for_append, and the rules refuse one without it; a DM's
+        // participants have theirs from its first message), so the role given for them
+        // is never written. Sorted, so two nodes lock the rows in the same order.
         let mut member_rows: Vec<(&str, &str, Role, i64)> = w
             .dm_members
             .iter()
