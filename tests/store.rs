@@ -158,6 +158,56 @@ async fn appends_waiting_together_commit_together() {
     );
 }
 
+/// A busy writer (its last pass carried several writes) starts its next pass no sooner
+/// than `--writer-pause-ms` after it started that one, and the pass takes everything
+/// that arrived meanwhile.
+#[tokio::test]
+async fn a_busy_writer_pauses_between_passes_as_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("p.db").display());
+    let pause = Duration::from_millis(400);
+    let limits = StoreLimits {
+        writer_pause: pause,
+        ..StoreLimits::default()
+    };
+    let s = open(&url, limits).await;
+    let wave = |n: usize, tag: &'static str| {
+        let tasks: Vec<_> = (0..n)
+            .map(|i| {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    s.append(dm(&format!("u{i}"), "hub", "x", Some(&format!("{tag}{i}"))))
+                        .await
+                        .expect("append")
+                })
+            })
+            .collect();
+        async move {
+            for t in tasks {
+                t.await.unwrap();
+            }
+        }
+    };
+    let start = std::time::Instant::now();
+    // Ten appends at once: the writer takes them in passes, the last of several.
+    wave(10, "a").await;
+    let before = s.write_stats().expect("a SQL store counts its commits");
+    wave(10, "b").await;
+    let took = start.elapsed();
+    let after = s.write_stats().unwrap();
+    println!("two waves of 10 appends with a {pause:?} pause: {took:?}");
+    assert!(
+        took >= pause,
+        "the second wave was written {took:?} after the first began, within the pause"
+    );
+    assert_eq!(after.writes - before.writes, 10);
+    assert_eq!(
+        after.commits - before.commits,
+        1,
+        "the second wave waited out the pause together and took one pass"
+    );
+}
+
 /// The same client id sent to two nodes at once is stored once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_resend_to_another_writer_is_stored_once() {

@@ -9,7 +9,8 @@
 //!   [`MAX_BATCH`]) and commits the appends together in one transaction, then the marks
 //!   together in another, so a busy node pays one commit (one fsync) for many messages
 //!   and a lone message goes at once. A busy writer (its last pass carried several
-//!   jobs) starts a pass at most every [`MIN_PASS_INTERVAL`], so its passes carry more.
+//!   jobs) starts a pass at most every [`StoreLimits::writer_pause`]
+//!   (`--writer-pause-ms`), so its passes carry more.
 //!   Room changes get a transaction each.
 //! - **Decide in Rust, on state read in the same transaction.** The append transaction
 //!   locks each conversation's counter row (on PostgreSQL, where other nodes write
@@ -53,16 +54,6 @@ use crate::protocol::{now_ms, room_conv, Conv, Message};
 
 /// Most jobs one writer pass takes.
 const MAX_BATCH: usize = 512;
-/// Shortest time between the starts of two writer passes. A pass costs about the same
-/// however many messages it carries (a handful of round trips and one commit, in the
-/// node and in the database), so a busy writer that started a pass as soon as the last
-/// one ended would pay that for a few messages each time. Measured with three nodes on
-/// one PostgreSQL at 5,000 messages/s (bench/profile.sh direct 5): with no pause the
-/// passes carried about 5 messages, the two cores were saturated and the p99 latency was
-/// 40 ms; with 10 ms the nodes used a third less CPU, PostgreSQL half, and the p99 was
-/// 21 ms (5 ms and 8 ms were in between; 15 ms and 20 ms saved nothing more and added
-/// latency). A writer fed one job at a time does not wait: its last pass carried one.
-const MIN_PASS_INTERVAL: Duration = Duration::from_millis(10);
 /// Jobs waiting for the writer; a caller beyond it waits for room (within its deadline).
 const WRITE_QUEUE: usize = 4096;
 
@@ -413,7 +404,7 @@ async fn writer<D: Dialect>(
     let mut last_busy_pass: Option<tokio::time::Instant> = None;
     let mut held: Option<sqlx::pool::PoolConnection<D::Db>> = None;
     while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        if let Some(next) = last_busy_pass.map(|t| t + MIN_PASS_INTERVAL) {
+        if let Some(next) = last_busy_pass.map(|t| t + limits.writer_pause) {
             if next > tokio::time::Instant::now() && batch.len() < MAX_BATCH {
                 tokio::time::sleep_until(next).await;
                 while batch.len() < MAX_BATCH {
