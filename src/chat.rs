@@ -17,8 +17,9 @@ use crate::cluster::Cluster;
 use crate::config::Limits;
 use crate::metrics::Metrics;
 use crate::protocol::{
-    dm_conv, now_ms, room_conv, valid_id, Conv, ErrorCode, InboxItem, Message, Sent, ServerFrame,
-    MAX_CLIENT_ID_LEN, MAX_HISTORY_LIMIT, MAX_PRESENCE_UIDS, SYNC_LATEST, SYNC_PAGE,
+    dm_conv, new_message_id, now_ms, room_conv, valid_id, Conv, ErrorCode, InboxItem, Message,
+    Sent, ServerFrame, MAX_CLIENT_ID_LEN, MAX_HISTORY_LIMIT, MAX_PRESENCE_UIDS, SYNC_LATEST,
+    SYNC_PAGE,
 };
 use crate::registry::SessionId;
 use crate::server::{Answer, ChatServer, ConvEvent, Fanout, LocalOnline, Membership, Subscribe};
@@ -286,7 +287,7 @@ impl Chat {
             body: Some(out.body),
             change: None,
             client_id: out.client_id,
-            id: uuid::Uuid::new_v4().to_string(),
+            id: new_message_id(),
             ts: now_ms(),
             by: out.by,
         };
@@ -879,7 +880,7 @@ impl Chat {
             body,
             change: Some(change),
             client_id,
-            id: uuid::Uuid::new_v4().to_string(),
+            id: new_message_id(),
             ts: now_ms(),
             by,
         };

@@ -23,6 +23,15 @@ pub const SYNC_PAGE: usize = 100;
 /// Messages per conversation in a `sync` answer when the client has no cursor.
 pub const SYNC_LATEST: usize = 20;
 
+/// A new message `id`: a random (version 4) UUID from the thread's generator, which
+/// `uuid::Uuid::new_v4` would instead ask the kernel for (a `getrandom` system call
+/// for every message).
+pub fn new_message_id() -> String {
+    uuid::Builder::from_random_bytes(rand::random())
+        .into_uuid()
+        .to_string()
+}
+
 /// Milliseconds since the Unix epoch (the `ts` of messages); 0 if the clock is before it.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -540,6 +549,17 @@ impl ServerFrame<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn message_ids_are_random_version_4_uuids() {
+        let a = new_message_id();
+        let b = new_message_id();
+        assert_ne!(a, b);
+        let u = uuid::Uuid::parse_str(&a).unwrap();
+        assert_eq!(u.get_version(), Some(uuid::Version::Random));
+        assert_eq!(u.get_variant(), uuid::Variant::RFC4122);
+        assert_eq!(a.len(), 36);
+    }
 
     #[test]
     fn ids() {
