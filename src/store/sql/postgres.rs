@@ -132,7 +132,7 @@ dialect!(PgDialect, sqlx::Postgres, " FOR UPDATE", {
              SELECT conv, NULL, last_seq, NULL FROM c \
              UNION ALL \
              SELECT m.conv, m.uid, NULL, m.role FROM k \
-             CROSS JOIN LATERAL (SELECT p.n, r.conv, r.uid, r.role \
+             CROSS JOIN LATERAL (SELECT r.conv, r.uid, r.role \
                FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS p(conv, uid, n) \
                CROSS JOIN LATERAL (SELECT conv, uid, role FROM members \
                  WHERE conv = p.conv AND uid = p.uid AND k.n >= 0 LIMIT 1 FOR UPDATE) r) m",
