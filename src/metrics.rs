@@ -23,6 +23,7 @@ pub struct Metrics {
     pub peer_failures: IntCounter,
     pub peer_dropped: IntCounter,
     pub peer_queue_depth: IntGauge,
+    pub live_peers: IntGauge,
     pub peer_received: IntCounter,
     pub errors: IntCounterVec,
     pub store_latency: Histogram,
@@ -119,6 +120,10 @@ impl Metrics {
             peer_queue_depth: gauge(
                 "chatmesh_peer_queue_depth",
                 "messages waiting in the outbound peer queues",
+            ),
+            live_peers: gauge(
+                "chatmesh_live_peers",
+                "other nodes in this node's live table (their heartbeat seen within the node TTL)",
             ),
             peer_received: counter(
                 "chatmesh_peer_received_total",

@@ -231,6 +231,66 @@ async fn presence_across_nodes() {
     );
 }
 
+/// A node that just started gets the presence changes the others announced before
+/// they had it in their live tables. node-a beats slowly, so it announces alice going
+/// offline while it does not know node-b yet; at its next beat it sees node-b and
+/// replays the announcement to it, for carol's subscription and for their room.
+#[tokio::test]
+async fn a_new_node_gets_the_presence_changes_announced_before_the_others_saw_it() {
+    let env = ClusterEnv::start();
+    let ttl = std::time::Duration::from_secs(18);
+    let mut slow = env.settings("node-a");
+    slow.heartbeat = std::time::Duration::from_secs(6);
+    slow.node_ttl = ttl;
+    let a = TestNode::start(slow);
+    let mut alice = Client::connect(&a, "alice").await;
+    alice.join("lobby").await;
+    let mut dave = Client::connect(&a, "dave").await;
+    dave.send(json!({"type":"presence","uids":["alice"],"subscribe":true}))
+        .await;
+    assert_eq!(dave.recv_type("presence").await["online"], true);
+
+    // node-b beats fast, so it sees node-a at once; with node-a's TTL, so node-a is
+    // not dead to it between node-a's slow beats.
+    let mut fast = env.settings("node-b");
+    fast.node_ttl = ttl;
+    let b = TestNode::start(fast);
+    let mut carol = Client::connect(&b, "carol").await;
+    carol.join("lobby").await;
+    carol
+        .send(json!({"type":"presence","uids":["alice"],"subscribe":true}))
+        .await;
+    assert_eq!(
+        carol.recv_type("presence").await,
+        json!({"type":"presence","uid":"alice","online":true})
+    );
+
+    alice.close().await;
+    loop {
+        let f = dave.recv_type("presence").await;
+        if f == json!({"type":"presence","uid":"alice","online":false}) {
+            break;
+        }
+    }
+    // node-a announced it before it saw node-b (its first beat was before node-b
+    // started, its next is seconds away)...
+    assert_eq!(
+        a.metric("chatmesh_live_peers"),
+        0.0,
+        "node-a already knew node-b when alice left: this test needs a slower heartbeat"
+    );
+    // ...and node-b still gets it, on the subscription and in the room.
+    let mut wanted = vec![
+        json!({"type":"presence","uid":"alice","online":false}),
+        json!({"type":"presence","room":"lobby","uid":"alice","online":false}),
+    ];
+    while !wanted.is_empty() {
+        let f = carol.recv_type("presence").await;
+        wanted.retain(|w| *w != f);
+    }
+    assert_eq!(a.metric("chatmesh_live_peers"), 1.0);
+}
+
 #[tokio::test]
 async fn membership_made_on_one_node_reaches_the_users_other_nodes() {
     let env = ClusterEnv::start();

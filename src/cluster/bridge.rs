@@ -17,6 +17,7 @@ use super::delivery::{self, Delivery};
 use super::directory::{Directory, Removed};
 use super::liveness::{resync_after_death, Liveness, MAX_DEAD_CONVS};
 use super::queue::{Batch, Item, MembershipEvent, PresenceEvent};
+use super::recent_presence::RecentPresence;
 use super::upkeep::UpkeepState;
 use crate::metrics::Metrics;
 use crate::protocol::Message as ChatMessage;
@@ -50,6 +51,8 @@ pub struct ClusterBridge {
     upkeep: Arc<UpkeepState>,
     liveness: Liveness,
     delivery: Delivery,
+    /// Announcements of the last node TTL, for peers that appear (see its module).
+    recent_presence: RecentPresence,
     client: Option<awc::Client>,
     /// Stored messages and events waiting for a look-up of their nodes.
     routing: Vec<Routed>,
@@ -74,6 +77,7 @@ impl ClusterBridge {
         liveness: Liveness,
     ) -> Self {
         ClusterBridge {
+            recent_presence: RecentPresence::new(cfg.node_ttl),
             cfg,
             directory,
             store,
@@ -297,7 +301,11 @@ impl ClusterBridge {
         ctx: &mut Context<Self>,
     ) {
         let live = hb.live.len();
-        let outcome = self.liveness.beat(hb, started, Instant::now());
+        let now = Instant::now();
+        let outcome = self.liveness.beat(hb, started, now);
+        self.metrics
+            .live_peers
+            .set(self.liveness.peers().len() as i64);
         if !self.registered.swap(true, Ordering::Relaxed) {
             log::info!(
                 "node {} registered in the cluster ({live} live nodes)",
@@ -345,6 +353,26 @@ impl ClusterBridge {
             if n > 0 {
                 self.metrics.peer_dropped.inc_by(n as u64);
                 log::warn!("peer {node} is gone; dropped {n} queued deliveries (they stay stored)");
+            }
+        }
+        // A peer that just appeared was left out of the announcements made before: it
+        // gets those of the last TTL, ahead of any later one (its queue is in order).
+        let replay = if outcome.joined.is_empty() {
+            self.recent_presence.prune(now);
+            Vec::new()
+        } else {
+            self.recent_presence.replay(now)
+        };
+        for peer in &outcome.joined {
+            if !replay.is_empty() {
+                log::debug!(
+                    "node {peer} joined: replaying {} recent presence announcements to it",
+                    replay.len()
+                );
+            }
+            for event in &replay {
+                self.delivery
+                    .event(peer, Item::Presence(event.clone()), None);
             }
         }
         for peer in self.liveness.peers() {
@@ -419,6 +447,7 @@ impl ClusterBridge {
     /// Tells every node (this one included) that `uid` came online or went offline.
     fn announce(&mut self, uid: String, online: bool, rooms: Vec<String>, ctx: &mut Context<Self>) {
         let event = Arc::new(PresenceEvent { uid, online, rooms });
+        self.recent_presence.record(event.clone(), Instant::now());
         for peer in self.liveness.peers() {
             self.delivery
                 .event(&peer, Item::Presence(event.clone()), None);

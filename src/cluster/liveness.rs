@@ -46,6 +46,9 @@ pub struct BeatOutcome {
     pub rejoin: bool,
     /// Peers that were live and are not any more: their queues are given up.
     pub gone: Vec<String>,
+    /// Peers that are live and were not: what was announced to the others lately is
+    /// announced to them too.
+    pub joined: Vec<String>,
     /// Nodes past the TTL, whose entries someone must remove.
     pub dead: Vec<String>,
 }
@@ -90,10 +93,16 @@ impl Liveness {
             .is_some_and(|prev| now.saturating_duration_since(prev) > self.ttl);
         let new: HashMap<String, String> = hb.live.into_iter().collect();
         let mut gone = Vec::new();
+        let mut joined = Vec::new();
         if let Ok(mut live) = self.live.write() {
             gone = live
                 .keys()
                 .filter(|id| !new.contains_key(*id) && **id != self.me)
+                .cloned()
+                .collect();
+            joined = new
+                .keys()
+                .filter(|id| !live.contains_key(*id) && **id != self.me)
                 .cloned()
                 .collect();
             *live = new;
@@ -108,6 +117,7 @@ impl Liveness {
         BeatOutcome {
             rejoin,
             gone,
+            joined,
             dead: hb.dead.into_iter().filter(|d| *d != self.me).collect(),
         }
     }
@@ -155,6 +165,13 @@ mod tests {
         let now = Instant::now();
         let o = l.beat(hb(&["me", "a", "b"], &[], true), now, now);
         assert!(o.rejoin, "the first beat writes the entries");
+        let mut joined = o.joined;
+        joined.sort();
+        assert_eq!(
+            joined,
+            vec!["a", "b"],
+            "every peer is new at the first beat"
+        );
         let mut peers = l.peers();
         peers.sort();
         assert_eq!(peers, vec!["a", "b"]);
@@ -162,8 +179,12 @@ mod tests {
         let o = l.beat(hb(&["me", "a"], &["b"], false), now, now);
         assert!(!o.rejoin);
         assert_eq!(o.gone, vec!["b"]);
+        assert!(o.joined.is_empty());
         assert_eq!(o.dead, vec!["b"]);
         assert!(!l.is_live("b"));
+        let o = l.beat(hb(&["me", "a", "c"], &[], false), now, now);
+        assert_eq!(o.joined, vec!["c"], "a node that appears later");
+        assert!(o.gone.is_empty());
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! - [`liveness`]: heartbeats as data: the live table, dead nodes, being cut off.
 //! - [`upkeep`]: this node's directory entries, written in order from its ChatServer.
 //! - [`delivery`] and [`queue`]: a bounded, batching queue per peer.
+//! - [`recent_presence`]: presence announcements replayed to a peer that appears.
 //! - [`bridge`]: the ClusterBridge actor that drives liveness and delivery.
 //!
 //! The receiving end, `POST /internal/deliver`, is [`crate::peer_api`].
@@ -18,6 +19,7 @@ pub mod delivery;
 pub mod directory;
 pub mod liveness;
 pub mod queue;
+pub mod recent_presence;
 pub mod upkeep;
 
 use std::collections::HashMap;
