@@ -414,13 +414,7 @@ async fn paused_postgres_gives_unavailable_and_the_retry_lands_once() {
     .await;
     let sent = alice.direct("bob", "during", "k1").await;
     assert_eq!(sent["seq"], 2);
-    loop {
-        let m = bob.recv_type("message").await;
-        if m["seq"] == 2 {
-            assert_eq!(m["body"], "during");
-            break;
-        }
-    }
+    assert_eq!(bob.recv_message_of(&sent).await["body"], "during");
     bob.send(json!({"type":"history","conv":"dm:alice:bob"}))
         .await;
     let h = bob.recv_type("history").await;

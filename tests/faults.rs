@@ -198,12 +198,7 @@ async fn flushall_mid_traffic_loses_nothing_and_live_delivery_resumes() {
     // And live delivery works again.
     let s = sender.room("feed", "live again", "live").await;
     for r in &mut readers {
-        loop {
-            let m = r.recv_type("message").await;
-            if m["seq"] == s["seq"] {
-                break;
-            }
-        }
+        r.recv_message_of(&s).await;
     }
 }
 
@@ -387,12 +382,7 @@ async fn a_node_frozen_past_the_ttl_resyncs_its_connections() {
     // and the node is back in the cluster: live delivery to bob works
     alice.wait_online("bob", true).await;
     let s = alice.direct("bob", "live", "live").await;
-    loop {
-        let m = bob.recv_type("message").await;
-        if m["seq"] == s["seq"] {
-            break;
-        }
-    }
+    bob.recv_message_of(&s).await;
 }
 
 /// A peer queue that really gives up: node-p is frozen (SIGSTOP) right after node-a

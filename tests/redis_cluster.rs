@@ -36,12 +36,7 @@ async fn two_nodes_on_a_redis_cluster_deliver_and_recover() {
     redis.flush();
     assert_eq!(bob.recv_type("resync").await, json!({"type":"resync"}));
     let s = alice.direct("bob", "after the flush", "k3").await;
-    loop {
-        let m = bob.recv_type("message").await;
-        if m["seq"] == s["seq"] {
-            break;
-        }
-    }
+    bob.recv_message_of(&s).await;
     alice.wait_online("bob", true).await;
     // the last connection closes: offline everywhere
     bob.close().await;

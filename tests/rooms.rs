@@ -4,8 +4,30 @@
 
 mod common;
 
+use chatmesh::config::Settings;
 use common::{http, post_to_peer_api, settings, Client, ClusterEnv, TestNode};
 use serde_json::{json, Value};
+
+/// Runs a scenario of two nodes' users on one node (both roles on the same node), with
+/// the settings `tune` makes.
+async fn on_one_node(
+    tune: fn(Settings) -> Settings,
+    scenario: impl AsyncFnOnce(&TestNode, &TestNode),
+) {
+    let node = TestNode::start(tune(settings()));
+    scenario(&node, &node).await;
+}
+
+/// Runs the same scenario across two nodes of a cluster.
+async fn across_two_nodes(
+    tune: fn(Settings) -> Settings,
+    scenario: impl AsyncFnOnce(&TestNode, &TestNode),
+) {
+    let env = ClusterEnv::start();
+    let a = TestNode::start(tune(env.settings("node-a")));
+    let b = TestNode::start(tune(env.settings("node-b")));
+    scenario(&a, &b).await;
+}
 
 /// Sends `frame` and answers the next answer of one of `types`.
 async fn ask(c: &mut Client, frame: Value, types: &[&str]) -> Value {
@@ -191,20 +213,16 @@ async fn section_7_rules(alice_node: &TestNode, bob_node: &TestNode) {
 
 #[tokio::test]
 async fn section_7_on_one_node() {
-    let node = TestNode::start(settings());
-    section_7_rules(&node, &node).await;
+    on_one_node(|s| s, section_7_rules).await;
 }
 
 #[tokio::test]
 async fn section_7_across_two_cluster_nodes() {
-    let env = ClusterEnv::start();
-    let a = env.node("node-a");
-    let b = env.node("node-b");
-    section_7_rules(&a, &b).await;
+    across_two_nodes(|s| s, section_7_rules).await;
 }
 
 /// `--room-creation api` and `--rooms-per-user 2`.
-fn api_only(mut s: chatmesh::config::Settings) -> chatmesh::config::Settings {
+fn api_only(mut s: Settings) -> Settings {
     s.store.room_creation = chatmesh::store::RoomCreation::Api;
     s.store.rooms_per_user = 2;
     with_api_key(s)
@@ -212,16 +230,12 @@ fn api_only(mut s: chatmesh::config::Settings) -> chatmesh::config::Settings {
 
 #[tokio::test]
 async fn creation_by_api_only_and_the_rooms_per_user_bound() {
-    let node = TestNode::start(api_only(settings()));
-    api_creation_rules(&node, &node).await;
+    on_one_node(api_only, api_creation_rules).await;
 }
 
 #[tokio::test]
 async fn creation_by_api_only_and_the_rooms_per_user_bound_across_two_nodes() {
-    let env = ClusterEnv::start();
-    let a = TestNode::start(api_only(env.settings("node-a")));
-    let b = TestNode::start(api_only(env.settings("node-b")));
-    api_creation_rules(&a, &b).await;
+    across_two_nodes(api_only, api_creation_rules).await;
 }
 
 /// Alice's websocket is on `a`, the server API calls go to `b`.
@@ -528,23 +542,19 @@ async fn room_info_lists_at_most_1000_members_and_counts_all() {
     );
 }
 
-fn with_api_key(mut s: chatmesh::config::Settings) -> chatmesh::config::Settings {
+fn with_api_key(mut s: Settings) -> Settings {
     s.api_key = Some("k".into());
     s
 }
 
 #[tokio::test]
 async fn the_room_routes_of_the_server_api() {
-    let node = TestNode::start(with_api_key(settings()));
-    room_routes(&node, &node).await;
+    on_one_node(with_api_key, room_routes).await;
 }
 
 #[tokio::test]
 async fn the_room_routes_of_the_server_api_across_two_nodes() {
-    let env = ClusterEnv::start();
-    let a = TestNode::start(with_api_key(env.settings("node-a")));
-    let b = TestNode::start(with_api_key(env.settings("node-b")));
-    room_routes(&a, &b).await;
+    across_two_nodes(with_api_key, room_routes).await;
 }
 
 /// The section 5 room routes, called on `api`; carol's websocket is on `node`.

@@ -474,6 +474,17 @@ impl Client {
         }
     }
 
+    /// The `message` frame of the message `sent` answered (same `conv` and `seq`),
+    /// skipping every frame before it.
+    pub async fn recv_message_of(&mut self, sent: &Value) -> Value {
+        loop {
+            let m = self.recv_type("message").await;
+            if m["conv"] == sent["conv"] && m["seq"] == sent["seq"] {
+                return m;
+            }
+        }
+    }
+
     pub async fn next_event(&mut self) -> Event {
         let deadline = Instant::now() + WAIT;
         loop {
