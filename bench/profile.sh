@@ -13,6 +13,15 @@
 # (cargo build --release -p chatmesh -p chatmesh-bench). PostgreSQL runs with its
 # defaults except PG_SYNCHRONOUS_COMMIT (on), as in compare.sh. The perf data is kept in
 # bench/results/profile-<scenario>.data for `perf report -i`.
+#
+#   CALL_GRAPH=1 bench/profile.sh direct 5
+#
+# also records call stacks (perf --call-graph dwarf, at 499 Hz instead of 999: the
+# unwinding costs the machine too, so the run's CPU figures are higher than without)
+# and prints the nodes' samples by the part of chatmesh they were in: the first of
+# these found anywhere in the sample's stack names it (store, peer API, peer client,
+# Redis, ...; see PARTS below). A stack cut short by perf's copy limit may miss its
+# outer frames, so a sample counts in the innermost part it shows.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -106,7 +115,11 @@ fi
 BENCH=$!
 PIDS+=("$BENCH")
 sleep 7
-perf record -a -F 999 -o "$DATA" -- sleep 5 2>/dev/null >/dev/null
+if [ -n "${CALL_GRAPH:-}" ]; then
+    perf record -a -F 499 --call-graph dwarf,32768 -o "$DATA" -- sleep 5 2>/dev/null >/dev/null
+else
+    perf record -a -F 999 -o "$DATA" -- sleep 5 2>/dev/null >/dev/null
+fi
 wait "$BENCH" || true
 grep -E "^== |offered|delivered|latency ms|cpu  |result" "$TMP/run.txt"
 
@@ -114,7 +127,7 @@ echo
 echo "share of the machine (100% = both cores) in the 5 s profile, by party:"
 # Thread names: a node's are chatmesh and actix-rt|system (its HTTP workers), the
 # client's tokio-rt-worker, Redis's redis-server, PostgreSQL's postgres (every backend).
-perf report -i "$DATA" --sort comm,dso --stdio 2>/dev/null | awk '
+perf report -i "$DATA" --no-children -g none --sort comm,dso --stdio 2>/dev/null | awk '
     /^ +[0-9.]+%/ {
         pct = $1; sub("%", "", pct)
         dso = $NF
@@ -135,3 +148,44 @@ perf report -i "$DATA" --sort comm,dso --stdio 2>/dev/null | awk '
                 printf "  %-15s %5.1f%%  kernel %5.1f%%  user %5.1f%%\n", w, kernel[w] + user[w], kernel[w], user[w]
         }
     }'
+
+[ -n "${CALL_GRAPH:-}" ] || exit 0
+echo
+echo "the nodes' samples by part of chatmesh (first match in the stack, in this order):"
+NODE_PIDS=$(printf '%s,' "${PIDS[@]:0:3}")
+perf script -i "$DATA" --pid "${NODE_PIDS%,}" -F ip,sym 2>/dev/null | python3 -c '
+import collections, sys
+# (part, what in a frame names it), checked in this order.
+PARTS = [
+    ("store (writer and readers, sqlx)", ("chatmesh::store::", "sqlx_")),
+    ("peer API, receiving", ("chatmesh::peer_api",)),
+    ("peer client, sending (awc)", ("awc::",)),
+    ("directory (Redis)", ("redis::", "cluster::directory")),
+    ("bridge and delivery queues", ("chatmesh::cluster::",)),
+    ("chat rules (chat.rs)", ("chatmesh::chat",)),
+    ("ChatServer (server.rs)", ("chatmesh::server",)),
+    ("sessions and outboxes", ("chatmesh::session", "chatmesh::outbox")),
+    ("websocket and HTTP I/O (actix-http)", ("actix_http::",)),
+    ("runtime, waiting (epoll, timers)", ("park", "epoll")),
+]
+counts, total, stack = collections.Counter(), 0, []
+def done():
+    global total
+    if not stack:
+        return
+    total += 1
+    for part, marks in PARTS:
+        if any(m in f for f in stack for m in marks):
+            counts[part] += 1
+            return
+    counts["other"] += 1
+for line in sys.stdin:
+    if not line.strip():
+        done(); stack = []
+    else:
+        stack.append(line)
+done()
+for part, n in counts.most_common():
+    print(f"  {part:38s} {100 * n / max(total, 1):5.1f}%")
+print(f"  ({total} samples)")
+'
