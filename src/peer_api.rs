@@ -9,6 +9,8 @@
 //! ChatServer took everything (its mailbox is bounded), so a node that falls behind
 //! slows its peers' queues instead of growing its own.
 
+use std::collections::HashMap;
+
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use bytestring::ByteString;
@@ -150,11 +152,17 @@ async fn deliver(
             .await
             .map_err(|_| stopped())?;
     }
+    let now = rechecked(chat, &batch.presence, &batch.from).await;
     for p in batch.presence {
+        let online = if p.recheck {
+            now.get(&p.uid).copied().unwrap_or(p.online)
+        } else {
+            p.online
+        };
         server
             .send(Presence {
                 uid: p.uid,
-                online: p.online,
+                online,
                 rooms: p.rooms,
             })
             .await
@@ -175,6 +183,34 @@ async fn deliver(
         server.send(Resync { scope }).await.map_err(|_| stopped())?;
     }
     Ok(HttpResponse::Ok().json(serde_json::json!({ "delivered": n })))
+}
+
+/// The presence now of the users of the batch's rechecks (replays of announcements made
+/// before this node was in the sender's live table). Without the directory, the
+/// replays are taken as they came: the sender's state, likely still right.
+async fn rechecked(
+    chat: &crate::chat::Chat,
+    presence: &[PresenceEvent],
+    from: &str,
+) -> HashMap<String, bool> {
+    let uids: Vec<String> = presence
+        .iter()
+        .filter(|p| p.recheck)
+        .map(|p| p.uid.clone())
+        .collect();
+    let Some(cluster) = chat.cluster.as_ref().filter(|_| !uids.is_empty()) else {
+        return HashMap::new();
+    };
+    match cluster.online(&uids).await {
+        Ok(online) => uids.into_iter().zip(online).collect(),
+        Err(e) => {
+            log::warn!(
+                "cannot recheck the presence of {} users replayed by {from} ({e}); taking them as sent",
+                uids.len()
+            );
+            HashMap::new()
+        }
+    }
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeSet;
 
 use common::{http, post_to_peer_api, Client, ClusterEnv, TestNode};
-use serde_json::json;
+use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 /// node-a, node-b and node-c on one cluster.
@@ -231,17 +231,16 @@ async fn presence_across_nodes() {
     );
 }
 
-/// A node that just started gets the presence changes the others announced before
-/// they had it in their live tables. node-a beats slowly, so it announces alice going
-/// offline while it does not know node-b yet; at its next beat it sees node-b and
-/// replays the announcement to it, for carol's subscription and for their room.
-#[tokio::test]
-async fn a_new_node_gets_the_presence_changes_announced_before_the_others_saw_it() {
-    let env = ClusterEnv::start();
-    let ttl = std::time::Duration::from_secs(18);
+/// Presence announced while a node is not yet in a peer's live table. node-a beats every
+/// 10 s, so node-b, started after node-a's first beat, stays out of node-a's table for
+/// seconds. alice (in lobby) leaves node-a in that time; carol on node-b, subscribed to
+/// alice and in lobby, is not told then. Returns node-a, node-b and carol.
+async fn alice_leaves_node_a_before_it_sees_node_b(
+    env: &ClusterEnv,
+) -> (TestNode, TestNode, Client) {
     let mut slow = env.settings("node-a");
-    slow.heartbeat = std::time::Duration::from_secs(6);
-    slow.node_ttl = ttl;
+    slow.heartbeat = PRESENCE_SLOW_BEAT;
+    slow.node_ttl = PRESENCE_SLOW_BEAT * 3;
     let a = TestNode::start(slow);
     let mut alice = Client::connect(&a, "alice").await;
     alice.join("lobby").await;
@@ -250,11 +249,7 @@ async fn a_new_node_gets_the_presence_changes_announced_before_the_others_saw_it
         .await;
     assert_eq!(dave.recv_type("presence").await["online"], true);
 
-    // node-b beats fast, so it sees node-a at once; with node-a's TTL, so node-a is
-    // not dead to it between node-a's slow beats.
-    let mut fast = env.settings("node-b");
-    fast.node_ttl = ttl;
-    let b = TestNode::start(fast);
+    let b = TestNode::start(fast_with_slow_ttl(env, "node-b"));
     let mut carol = Client::connect(&b, "carol").await;
     carol.join("lobby").await;
     carol
@@ -266,20 +261,47 @@ async fn a_new_node_gets_the_presence_changes_announced_before_the_others_saw_it
     );
 
     alice.close().await;
-    loop {
-        let f = dave.recv_type("presence").await;
-        if f == json!({"type":"presence","uid":"alice","online":false}) {
-            break;
-        }
-    }
-    // node-a announced it before it saw node-b (its first beat was before node-b
-    // started, its next is seconds away)...
+    while dave.recv_type("presence").await
+        != json!({"type":"presence","uid":"alice","online":false})
+    {}
+    assert_no_beat_yet(&a);
+    (a, b, carol)
+}
+
+const PRESENCE_SLOW_BEAT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A node that beats fast (it sees the others at once), with node-a's TTL (so node-a is
+/// not dead to it between node-a's slow beats).
+fn fast_with_slow_ttl(env: &ClusterEnv, id: &str) -> chatmesh::config::Settings {
+    let mut s = env.settings(id);
+    s.node_ttl = PRESENCE_SLOW_BEAT * 3;
+    s
+}
+
+fn assert_no_beat_yet(a: &TestNode) {
     assert_eq!(
         a.metric("chatmesh_live_peers"),
         0.0,
-        "node-a already knew node-b when alice left: this test needs a slower heartbeat"
+        "node-a already had its next heartbeat: this test needs a slower one"
     );
-    // ...and node-b still gets it, on the subscription and in the room.
+}
+
+/// The next presence frame of the subscription to alice.
+async fn next_about_alice(c: &mut Client) -> Value {
+    loop {
+        let f = c.recv_type("presence").await;
+        if f["uid"] == "alice" && f.get("room").is_none() {
+            return f;
+        }
+    }
+}
+
+/// At its next heartbeat node-a sees node-b and replays what it announced: carol learns
+/// that alice went offline, on the subscription and in the room.
+#[tokio::test]
+async fn a_new_node_gets_the_presence_changes_announced_before_the_others_saw_it() {
+    let env = ClusterEnv::start();
+    let (a, _b, mut carol) = alice_leaves_node_a_before_it_sees_node_b(&env).await;
     let mut wanted = vec![
         json!({"type":"presence","uid":"alice","online":false}),
         json!({"type":"presence","room":"lobby","uid":"alice","online":false}),
@@ -289,6 +311,28 @@ async fn a_new_node_gets_the_presence_changes_announced_before_the_others_saw_it
         wanted.retain(|w| *w != f);
     }
     assert_eq!(a.metric("chatmesh_live_peers"), 1.0);
+}
+
+/// A replay is a recheck: by the time node-a replays alice's going offline, alice came
+/// back on node-c (which announced it to node-b at once), and carol must be left with
+/// alice online, not with the replay's stale offline.
+#[tokio::test]
+async fn a_replayed_presence_change_does_not_undo_a_newer_one() {
+    let env = ClusterEnv::start();
+    let (a, _b, mut carol) = alice_leaves_node_a_before_it_sees_node_b(&env).await;
+    let c = TestNode::start(fast_with_slow_ttl(&env, "node-c"));
+    let _alice = Client::connect(&c, "alice").await;
+    assert_eq!(next_about_alice(&mut carol).await["online"], true);
+    assert_no_beat_yet(&a);
+    common::eventually_within("node-a sees node-b", PRESENCE_SLOW_BEAT * 2, || {
+        a.metric("chatmesh_live_peers") == 2.0
+    })
+    .await;
+    // the replay, rechecked by node-b: alice is online
+    assert_eq!(
+        next_about_alice(&mut carol).await,
+        json!({"type":"presence","uid":"alice","online":true})
+    );
 }
 
 #[tokio::test]

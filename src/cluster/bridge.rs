@@ -446,7 +446,12 @@ impl ClusterBridge {
 
     /// Tells every node (this one included) that `uid` came online or went offline.
     fn announce(&mut self, uid: String, online: bool, rooms: Vec<String>, ctx: &mut Context<Self>) {
-        let event = Arc::new(PresenceEvent { uid, online, rooms });
+        let event = Arc::new(PresenceEvent {
+            uid,
+            online,
+            rooms,
+            recheck: false,
+        });
         self.recent_presence.record(event.clone(), Instant::now());
         for peer in self.liveness.peers() {
             self.delivery

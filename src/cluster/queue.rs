@@ -23,6 +23,11 @@ pub struct PresenceEvent {
     pub online: bool,
     #[serde(default)]
     pub rooms: Vec<String>,
+    /// A replay (see [`super::recent_presence`]): announced before the receiver was in
+    /// the sender's live table, so `online` may be stale; the receiver reads the
+    /// user's presence now and gives its connections that.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub recheck: bool,
 }
 
 /// A membership change of a user who also has connections on the receiving node.

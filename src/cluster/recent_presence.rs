@@ -10,8 +10,11 @@
 //! they were until the user's next change, which may be hours away. A node sees a new
 //! peer at most one heartbeat (plus the time a heartbeat may take) after it
 //! registered, and the node TTL is at least three heartbeats, so the announcements of
-//! the last TTL cover every one the new peer may have missed. Replaying a few it did
-//! get is harmless: presence frames carry a state, not a change to apply.
+//! the last TTL cover every one the new peer may have missed. They go as rechecks: by
+//! the time one arrives, another node may have announced a newer change of the same
+//! user, so the receiver reads the user's presence from the directory and gives its
+//! connections that. Rechecking a few it did get is harmless: presence frames carry a
+//! state, not a change to apply.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -52,12 +55,21 @@ impl RecentPresence {
             .retain(|_, (at, _, _)| now.saturating_duration_since(*at) <= window);
     }
 
-    /// The announcements of the window, oldest first.
+    /// The announcements of the window, oldest first, marked `recheck`: by now another
+    /// node may have announced a newer change of the same user to the receiver.
     pub fn replay(&mut self, now: Instant) -> Vec<Arc<PresenceEvent>> {
         self.prune(now);
         let mut events: Vec<_> = self.latest.values().collect();
         events.sort_unstable_by_key(|(_, n, _)| *n);
-        events.into_iter().map(|(_, _, e)| e.clone()).collect()
+        events
+            .into_iter()
+            .map(|(_, _, e)| {
+                Arc::new(PresenceEvent {
+                    recheck: true,
+                    ..PresenceEvent::clone(e)
+                })
+            })
+            .collect()
     }
 }
 
@@ -70,10 +82,12 @@ mod tests {
             uid: uid.into(),
             online,
             rooms: vec!["lobby".into()],
+            recheck: false,
         })
     }
 
     fn summary(events: &[Arc<PresenceEvent>]) -> Vec<(String, bool)> {
+        assert!(events.iter().all(|e| e.recheck), "replays are rechecks");
         events.iter().map(|e| (e.uid.clone(), e.online)).collect()
     }
 
