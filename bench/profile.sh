@@ -158,7 +158,7 @@ import collections, sys
 # (part, what in a frame names it), checked in this order.
 PARTS = [
     ("store (writer and readers, sqlx)", ("chatmesh::store::", "sqlx_")),
-    ("peer API, receiving", ("chatmesh::peer_api",)),
+    ("peer API, receiving", ("chatmesh::http::peer",)),
     ("peer client, sending (awc)", ("awc::",)),
     ("directory (Redis)", ("redis::", "cluster::directory")),
     ("bridge and delivery queues", ("chatmesh::cluster::",)),

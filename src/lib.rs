@@ -7,8 +7,9 @@
 //!   binds and waits for SIGTERM/SIGINT. Both listeners share the worker threads, and the
 //!   node's core is built on the first worker, beside the sockets it serves.
 //! - [`config`]: settings, layered flag > environment > file > default.
-//! - [`http`]: the route tables of the public and the internal listener; [`pages`]: the
-//!   server-rendered pages; [`peer_api`]: the internal listener's `POST /internal/deliver`;
+//! - [`http`]: the route tables of the public and the internal listener, with the server
+//!   API ([`http::api`]) and the peer API's `POST /internal/deliver` ([`http::peer`]);
+//!   [`pages`]: the server-rendered pages;
 //!   [`auth`]: development ids and JWTs; [`socket`]: the public listener's connections,
 //!   which a session can drop.
 //! - [`session`]: one actor per websocket, and its wire format ([`session::wire`]);
@@ -30,7 +31,6 @@ pub mod keys;
 pub mod metrics;
 pub mod outbox;
 pub mod pages;
-pub mod peer_api;
 pub mod protocol;
 pub mod ratelimit;
 pub mod registry;

@@ -1,5 +1,5 @@
 //! The OpenAPI document of the server HTTP API (docs/openapi.json) against the server:
-//! it lists exactly the routes of `chatmesh::http::API_ROUTES`, the node serves it
+//! it lists exactly the routes of `chatmesh::http::api::API_ROUTES`, the node serves it
 //! byte for byte at /api/openapi.json, and schemathesis, driven by it against a running
 //! node, finds nothing.
 
@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use chatmesh::http::{API_ROUTES, OPENAPI_JSON};
+use chatmesh::http::api::{API_ROUTES, OPENAPI_JSON};
 use common::{http_blocking, settings, TestNode};
 use serde_json::Value;
 

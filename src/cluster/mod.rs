@@ -12,7 +12,7 @@
 //! - [`recent_presence`]: presence announcements replayed to a peer that appears.
 //! - [`bridge`]: the ClusterBridge actor that drives liveness and delivery.
 //!
-//! The receiving end, `POST /internal/deliver`, is [`crate::peer_api`].
+//! The receiving end, `POST /internal/deliver`, is [`crate::http::peer`].
 
 pub mod bridge;
 pub mod delivery;

@@ -1,7 +1,7 @@
 //! The peer API on the internal listener: `POST /internal/deliver`, the receiving end
-//! of [`crate::cluster`]'s peer queues. It lives beside the route table, not in
-//! `cluster`, because it applies batches through [`crate::chat::Chat`], which itself
-//! uses the cluster: so the layers stay one-way (cluster below chat below http).
+//! of [`crate::cluster`]'s peer queues. It is part of the HTTP layer, not of `cluster`,
+//! because it applies batches through [`crate::chat::Chat`], which itself uses the
+//! cluster: so the layers stay one-way (cluster below chat below http).
 //!
 //! A batch is applied in order: membership changes first (a message to a room just
 //! joined elsewhere may be in the same batch), then the messages, then presence, then
@@ -17,8 +17,8 @@ use bytestring::ByteString;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use super::{bearer_ok, ApiError, AppState};
 use crate::cluster::queue::{MembershipEvent, PresenceEvent};
-use crate::http::{bearer_ok, ApiError, AppState};
 use crate::protocol::{FrameHead, Message, ServerFrame};
 use crate::server::{
     ConvEvent, FanoutBatch, Membership, PeerEvent, PeerMessage, Presence, Resync, ResyncScope,
@@ -46,7 +46,7 @@ struct BatchIn<'a> {
     lost_all: bool,
 }
 
-pub fn peer_routes(cfg: &mut web::ServiceConfig) {
+pub(super) fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::resource("/internal/deliver")
             .app_data(web::PayloadConfig::new(MAX_BATCH_BYTES))
