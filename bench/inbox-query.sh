@@ -112,7 +112,7 @@ printf '.parameter set $1 "'"'me'"'"\n.parameter set $2 NULL\n.parameter set $3 
 pg_start "$TMP/pg" "$TMP/pg.log" >/dev/null
 pg_create_db inbox
 PSQL=("$PG_BIN/psql" -h "$PG_SOCKET_DIR" -U postgres -d inbox -q -X -v ON_ERROR_STOP=1)
-"${PSQL[@]}" -f "$ROOT/migrations/postgres/0001_init.sql" >/dev/null
+"${PSQL[@]}" -f <(cat "$ROOT"/migrations/postgres/*.sql) >/dev/null
 fill_sql postgres | "${PSQL[@]}" >/dev/null
 "${PSQL[@]}" -c "ANALYZE" >/dev/null
 echo

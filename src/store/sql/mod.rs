@@ -182,15 +182,18 @@ pub trait Dialect: Send + Sync + 'static {
         keys: &[(String, String)],
         now: u64,
     ) -> SqlResult<HashMap<(String, String), Message>>;
-    /// What an append batch decides on, locked: makes sure each conversation has its
-    /// counter row and locks them (sorted), then locks the member rows of the (conv, uid)
-    /// pairs (sorted) against removal. Answers the conversations' last seqs and the
-    /// roles of the pairs that have one. Counters before members, each in sorted order:
-    /// every transaction that locks both locks them in this order, so none deadlock.
+    /// What an append batch decides on, locked: locks each conversation's counter row
+    /// (sorted), making those missing if `create`, then locks the member rows of the
+    /// (conv, uid) pairs (sorted) against removal. Answers the last seqs of the
+    /// conversations that have a counter row and the roles of the pairs that have one.
+    /// Counters before members, each in sorted order: every transaction that locks both
+    /// locks them in this order, so none deadlock. A database may make the counter rows
+    /// whether or not `create` asks (SQLite does: making them costs it nothing more).
     async fn lock_for_append(
         c: &mut Conn<Self>,
         convs: &[String],
         pairs: &[(String, String)],
+        create: bool,
     ) -> SqlResult<Locked>;
     /// The messages edits and deletes name, where they exist.
     async fn targets(

@@ -133,8 +133,10 @@ dialect!(SqliteDialect, sqlx::Sqlite, "", {
         c: &mut Conn<Self>,
         convs: &[String],
         pairs: &[(String, String)],
+        _create: bool,
     ) -> SqlResult<Locked> {
-        // SQLite has one writer, this node's: nothing else writes meanwhile.
+        // SQLite has one writer, this node's: nothing else writes meanwhile, and no row
+        // lock costs a write of its own, so the counter rows are always made.
         let mut locked = Locked::default();
         for conv in convs {
             let (seq,): (i64,) = sqlx::query_as(

@@ -151,10 +151,17 @@ type Outcome = Result<Done, Refusal>;
 
 /// Which try of a group's transaction this is.
 ///
-/// An append batch's first try assumes that none of its client ids was stored before
-/// (a resend is rare), and so saves the round trip of looking them up: the write finds
-/// out, as it finds out that another node stored one meanwhile, and the transaction is
-/// then rolled back and tried again with the look-up.
+/// An append batch's first try assumes two things that are rare to be false, and so
+/// saves their cost:
+/// - that none of its client ids was stored before (a resend): it does not look them
+///   up, and the write finds out, as it finds out that another node stored one
+///   meanwhile;
+/// - that each of its conversations has its counter row (all but a conversation's
+///   first message): it only locks them, which is cheaper on PostgreSQL than making
+///   them if missing, and finds out when one is missing.
+///
+/// Either way the transaction is rolled back and tried again, looking the client ids up
+/// and making the counter rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Try {
     First,
@@ -245,7 +252,7 @@ where
                     .fetch_add(jobs.len() as u64, Ordering::Relaxed);
                 return Ok(outcomes);
             }
-            Err(e) if is_lost_race(&e) => tx.rollback().await?,
+            Err(e) if try_again(&e) => tx.rollback().await?,
             Err(e) => return Err(e),
         }
     }
@@ -254,9 +261,11 @@ where
 
 /// The error a write returns when another node stored one of its client ids first.
 const LOST_RACE: &str = "another node stored one of these client ids meanwhile";
+/// The error a first try returns when one of its conversations has no counter row.
+const NEW_CONVERSATION: &str = "a conversation of this batch has no counter row yet";
 
-fn is_lost_race(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Protocol(m) if m == LOST_RACE)
+fn try_again(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Protocol(m) if m == LOST_RACE || m == NEW_CONVERSATION)
 }
 
 fn answer(jobs: Vec<Job>, outcomes: Vec<Outcome>) {
@@ -283,8 +292,8 @@ where
                 _ => None,
             })
             .collect();
-        let look_up = attempt == Try::Again;
-        let (outcomes, writes, now) = decide_appends::<D>(c, &msgs, limits, look_up).await?;
+        let again = attempt == Try::Again;
+        let (outcomes, writes, now) = decide_appends::<D>(c, &msgs, limits, again).await?;
         if D::write_appends(c, &writes, now).await? {
             Ok(outcomes)
         } else {
@@ -294,18 +303,19 @@ where
 }
 
 /// Reads what the rules need for a batch of appends and decides each in order. Without
-/// `look_up`, no client id is taken to have been stored before (see [`Try`]).
+/// `again` (a first try), no client id is taken to have been stored before, and each
+/// conversation to have its counter row (see [`Try`]).
 async fn decide_appends<D: Dialect>(
     c: &mut Conn<D>,
     msgs: &[&NewMessage],
     limits: &StoreLimits,
-    look_up: bool,
+    again: bool,
 ) -> SqlResult<(Vec<Outcome>, AppendWrites, u64)>
 where
     for<'c> &'c mut Conn<D>: sqlx::Executor<'c, Database = D::Db>,
 {
     let now = now_ms();
-    let mut firsts = if look_up {
+    let mut firsts = if again {
         let keys: Vec<(String, String)> = msgs
             .iter()
             .filter_map(|m| Some((m.from.clone(), m.client_id.clone()?)))
@@ -341,7 +351,10 @@ where
     } else {
         Vec::new()
     };
-    let Locked { mut last, roles } = D::lock_for_append(c, &convs, &role_pairs).await?;
+    let Locked { mut last, roles } = D::lock_for_append(c, &convs, &role_pairs, again).await?;
+    if convs.iter().any(|conv| !last.contains_key(conv)) {
+        return Err(sqlx::Error::Protocol(NEW_CONVERSATION.into()));
+    }
     let target_pairs: Vec<(String, u64)> = msgs
         .iter()
         .filter_map(|m| match m.change {
