@@ -3,7 +3,8 @@
 # cluster mode on one PostgreSQL and one redis-server (as in compare.sh), chatmesh-bench
 # offering the load, and a system-wide `perf record` of 5 s in the middle of the run.
 # Prints the run's result, then each party's share of the machine split into kernel and
-# user time.
+# user time, then what PostgreSQL did per message stored (WAL records and bytes, shared
+# buffers touched), a figure that does not depend on the machine's speed.
 #
 #   bench/profile.sh direct 15     # 1000 users in pairs, 15 msg/s each (15,000 msg/s)
 #   bench/profile.sh room 128      # one room of 1000, one sender at 128 msg/s
@@ -114,6 +115,11 @@ fi
     "${LOAD[@]}" --rate "$RATE" --duration 12 --warmup 3 >"$TMP/run.txt" 2>&1 &
 BENCH=$!
 PIDS+=("$BENCH")
+pg_sql() { "$PG_BIN/psql" -X -q -A -t -h "$PG_SOCKET_DIR" -U postgres -d chatmesh -c "$1"; }
+# What PostgreSQL has done so far (start-up and migrations), to take from the end's.
+STORE_COUNTS="SELECT w.wal_records, w.wal_bytes, d.blks_hit + d.blks_read \
+    FROM pg_stat_wal w, pg_stat_database d WHERE d.datname = current_database()"
+STORE_BEFORE=$(pg_sql "$STORE_COUNTS")
 sleep 7
 if [ -n "${CALL_GRAPH:-}" ]; then
     perf record -a -F 499 --call-graph dwarf,32768 -o "$DATA" -- sleep 5 2>/dev/null >/dev/null
@@ -122,6 +128,11 @@ else
 fi
 wait "$BENCH" || true
 grep -E "^== |offered|delivered|latency ms|cpu  |result" "$TMP/run.txt"
+# The nodes stop first: a backend hands its counts to the statistics when it exits.
+for p in "${PIDS[@]:0:3}"; do kill -TERM "$p" 2>/dev/null || true; done
+for p in "${PIDS[@]:0:3}"; do wait "$p" 2>/dev/null || true; done
+STORE_AFTER=$(pg_sql "$STORE_COUNTS")
+STORED=$(pg_sql "SELECT count(*) FROM messages")
 
 echo
 echo "share of the machine (100% = both cores) in the 5 s profile, by party:"
@@ -148,6 +159,16 @@ perf report -i "$DATA" --no-children -g none --sort comm,dso --stdio 2>/dev/null
                 printf "  %-15s %5.1f%%  kernel %5.1f%%  user %5.1f%%\n", w, kernel[w] + user[w], kernel[w], user[w]
         }
     }'
+
+echo
+echo "PostgreSQL per message stored, over the whole run ($STORED messages):"
+python3 - "$STORE_BEFORE" "$STORE_AFTER" "$STORED" <<'PY'
+import sys
+before, after = ([int(x) for x in a.split("|")] for a in sys.argv[1:3])
+n = max(int(sys.argv[3]), 1)
+records, wal, buffers = (a - b for a, b in zip(after, before))
+print(f"  WAL records {records / n:5.1f}   WAL bytes {wal / n:6,.0f}   shared buffers touched {buffers / n:5.1f}")
+PY
 
 [ -n "${CALL_GRAPH:-}" ] || exit 0
 echo
