@@ -201,8 +201,16 @@ pub trait Dialect: Send + Sync + 'static {
         pairs: &[(String, u64)],
     ) -> SqlResult<HashMap<(String, u64), Target>>;
     /// Writes an append batch. Answers false when another node stored one of its
-    /// client ids meanwhile (the caller rolls back and decides again).
-    async fn write_appends(c: &mut Conn<Self>, w: &AppendWrites, now: u64) -> SqlResult<bool>;
+    /// client ids meanwhile (the caller rolls back and decides again). On a first try
+    /// (not `again`), a client id stored before may instead fail the write with a
+    /// unique violation on the idempotency table's key, which the caller also takes
+    /// as a reason to decide again.
+    async fn write_appends(
+        c: &mut Conn<Self>,
+        w: &AppendWrites,
+        now: u64,
+        again: bool,
+    ) -> SqlResult<bool>;
 
     /// (read, delivered) of a participant, locked; None if not a participant.
     async fn marks_for_update(

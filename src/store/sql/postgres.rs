@@ -207,7 +207,12 @@ dialect!(PgDialect, sqlx::Postgres, " FOR UPDATE", {
             .collect())
     }
 
-    async fn write_appends(c: &mut Conn<Self>, w: &AppendWrites, now: u64) -> SqlResult<bool> {
+    async fn write_appends(
+        c: &mut Conn<Self>,
+        w: &AppendWrites,
+        now: u64,
+        again: bool,
+    ) -> SqlResult<bool> {
         // Messages, counters, new DM participants, senders' marks and client ids in one
         // statement (one round trip). The parts touch different rows (a DM's new
         // participants carry their marks; decide_appends took them out of sender_marks).
@@ -241,8 +246,27 @@ dialect!(PgDialect, sqlx::Postgres, " FOR UPDATE", {
         member_rows.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
         // One row once: an upsert may not touch a row twice.
         member_rows.dedup_by(|a, b| (a.0, a.1) == (b.0, b.1));
-        let (inserted,): (i64,) = sqlx::query_as(
-            "WITH msgs AS ( \
+        // The client ids: on a first try, taken to be new (see the writer's `Try`), a
+        // plain insert; a stored one fails the statement on the primary key, and the
+        // writer tries again. An `ON CONFLICT` insert of a new row is a speculative
+        // insertion: a probe of the index before, a lock while inserting and a WAL
+        // record to confirm it, for every message. On a later try, the conflict either
+        // replaces an expired row or leaves the row and is counted as a lost race. (The
+        // first form names $21, the time the second compares with, only so that both
+        // take the same parameters.)
+        static IDS_NEW: &str = "ids AS ( \
+               INSERT INTO idempotency (sender, client_id, conv, seq, expires) \
+               SELECT * FROM unnest($16::text[], $17::text[], $18::text[], $19::bigint[], \
+                 $20::bigint[]) WHERE $21::bigint IS NOT NULL \
+               RETURNING 1) ";
+        static IDS_AGAIN: &str = "ids AS ( \
+               INSERT INTO idempotency AS x (sender, client_id, conv, seq, expires) \
+               SELECT * FROM unnest($16::text[], $17::text[], $18::text[], $19::bigint[], \
+                 $20::bigint[]) \
+               ON CONFLICT (sender, client_id) DO UPDATE SET conv = excluded.conv, \
+                 seq = excluded.seq, expires = excluded.expires WHERE x.expires <= $21 \
+               RETURNING 1) ";
+        static WRITE: &str = "WITH msgs AS ( \
                INSERT INTO messages (conv, seq, id, sender, body, ts, edit_of, delete_of) \
                SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], \
                  $5::text[], $6::bigint[], $7::bigint[], $8::bigint[])), \
@@ -257,47 +281,44 @@ dialect!(PgDialect, sqlx::Postgres, " FOR UPDATE", {
                  $15::bigint[]) AS t(c, u, r, s) \
                ON CONFLICT (conv, uid) DO UPDATE SET \
                  read_seq = GREATEST(mb.read_seq, excluded.read_seq), \
-                 delivered_seq = GREATEST(mb.delivered_seq, excluded.delivered_seq)), \
-             ids AS ( \
-               INSERT INTO idempotency AS x (sender, client_id, conv, seq, expires) \
-               SELECT * FROM unnest($16::text[], $17::text[], $18::text[], $19::bigint[], \
-                 $20::bigint[]) \
-               ON CONFLICT (sender, client_id) DO UPDATE SET conv = excluded.conv, \
-                 seq = excluded.seq, expires = excluded.expires WHERE x.expires <= $21 \
-               RETURNING 1) \
-             SELECT count(*) FROM ids",
-        )
-        .bind(m.iter().map(|m| m.conv.as_str()).collect::<Vec<_>>())
-        .bind(i64s(m.iter().map(|m| m.seq)))
-        .bind(m.iter().map(|m| m.id.as_str()).collect::<Vec<_>>())
-        .bind(m.iter().map(|m| m.from.as_str()).collect::<Vec<_>>())
-        .bind(m.iter().map(|m| m.body.as_deref()).collect::<Vec<_>>())
-        .bind(i64s(m.iter().map(|m| m.ts)))
-        .bind(
-            m.iter()
-                .map(|m| m.edit.map(|s| s as i64))
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            m.iter()
-                .map(|m| m.delete.map(|s| s as i64))
-                .collect::<Vec<_>>(),
-        )
-        .bind(w.last.keys().map(String::as_str).collect::<Vec<_>>())
-        .bind(i64s(w.last.values().map(|v| v.0)))
-        .bind(i64s(w.last.values().map(|v| v.1)))
-        .bind(member_rows.iter().map(|r| r.0).collect::<Vec<_>>())
-        .bind(member_rows.iter().map(|r| r.1).collect::<Vec<_>>())
-        .bind(member_rows.iter().map(|r| r.2.as_str()).collect::<Vec<_>>())
-        .bind(member_rows.iter().map(|r| r.3).collect::<Vec<_>>())
-        .bind(i.iter().map(|r| r.0.as_str()).collect::<Vec<_>>())
-        .bind(i.iter().map(|r| r.1.as_str()).collect::<Vec<_>>())
-        .bind(i.iter().map(|r| r.2.as_str()).collect::<Vec<_>>())
-        .bind(i64s(i.iter().map(|r| r.3)))
-        .bind(i64s(i.iter().map(|r| r.4)))
-        .bind(now as i64)
-        .fetch_one(&mut *c)
-        .await?;
+                 delivered_seq = GREATEST(mb.delivered_seq, excluded.delivered_seq)), ";
+        static SQL_NEW: LazyLock<String> =
+            LazyLock::new(|| format!("{WRITE}{IDS_NEW}SELECT count(*) FROM ids"));
+        static SQL_AGAIN: LazyLock<String> =
+            LazyLock::new(|| format!("{WRITE}{IDS_AGAIN}SELECT count(*) FROM ids"));
+        let sql = if again { &*SQL_AGAIN } else { &*SQL_NEW };
+        let (inserted,): (i64,) = sqlx::query_as(sql.as_str())
+            .bind(m.iter().map(|m| m.conv.as_str()).collect::<Vec<_>>())
+            .bind(i64s(m.iter().map(|m| m.seq)))
+            .bind(m.iter().map(|m| m.id.as_str()).collect::<Vec<_>>())
+            .bind(m.iter().map(|m| m.from.as_str()).collect::<Vec<_>>())
+            .bind(m.iter().map(|m| m.body.as_deref()).collect::<Vec<_>>())
+            .bind(i64s(m.iter().map(|m| m.ts)))
+            .bind(
+                m.iter()
+                    .map(|m| m.edit.map(|s| s as i64))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                m.iter()
+                    .map(|m| m.delete.map(|s| s as i64))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(w.last.keys().map(String::as_str).collect::<Vec<_>>())
+            .bind(i64s(w.last.values().map(|v| v.0)))
+            .bind(i64s(w.last.values().map(|v| v.1)))
+            .bind(member_rows.iter().map(|r| r.0).collect::<Vec<_>>())
+            .bind(member_rows.iter().map(|r| r.1).collect::<Vec<_>>())
+            .bind(member_rows.iter().map(|r| r.2.as_str()).collect::<Vec<_>>())
+            .bind(member_rows.iter().map(|r| r.3).collect::<Vec<_>>())
+            .bind(i.iter().map(|r| r.0.as_str()).collect::<Vec<_>>())
+            .bind(i.iter().map(|r| r.1.as_str()).collect::<Vec<_>>())
+            .bind(i.iter().map(|r| r.2.as_str()).collect::<Vec<_>>())
+            .bind(i64s(i.iter().map(|r| r.3)))
+            .bind(i64s(i.iter().map(|r| r.4)))
+            .bind(now as i64)
+            .fetch_one(&mut *c)
+            .await?;
         if !w.edits.is_empty() {
             sqlx::query(
                 "UPDATE messages m SET body = v.body, edited = TRUE \

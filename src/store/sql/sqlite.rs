@@ -184,7 +184,12 @@ dialect!(SqliteDialect, sqlx::Sqlite, "", {
         Ok(targets)
     }
 
-    async fn write_appends(c: &mut Conn<Self>, w: &AppendWrites, now: u64) -> SqlResult<bool> {
+    async fn write_appends(
+        c: &mut Conn<Self>,
+        w: &AppendWrites,
+        now: u64,
+        _again: bool,
+    ) -> SqlResult<bool> {
         for m in &w.messages {
             sqlx::query(
                 "INSERT INTO messages (conv, seq, id, sender, body, ts, edit_of, delete_of) \

@@ -264,9 +264,21 @@ const LOST_RACE: &str = "another node stored one of these client ids meanwhile";
 /// The error a first try returns when one of its conversations has no counter row.
 const NEW_CONVERSATION: &str = "a conversation of this batch has no counter row yet";
 
+/// Whether a try failed for a reason that another try, deciding on what is stored,
+/// gets past: a lost race, a new conversation, or a client id stored before (a
+/// first try inserts them without looking: [`Dialect::write_appends`]).
 fn try_again(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Protocol(m) if m == LOST_RACE || m == NEW_CONVERSATION)
+    match e {
+        sqlx::Error::Protocol(m) => m == LOST_RACE || m == NEW_CONVERSATION,
+        sqlx::Error::Database(d) => {
+            d.is_unique_violation() && d.constraint() == Some(IDEMPOTENCY_KEY)
+        }
+        _ => false,
+    }
 }
+
+/// The name PostgreSQL gives the idempotency table's primary key.
+const IDEMPOTENCY_KEY: &str = "idempotency_pkey";
 
 fn answer(jobs: Vec<Job>, outcomes: Vec<Outcome>) {
     for (job, outcome) in jobs.into_iter().zip(outcomes) {
@@ -294,7 +306,7 @@ where
             .collect();
         let again = attempt == Try::Again;
         let (outcomes, writes, now) = decide_appends::<D>(c, &msgs, limits, again).await?;
-        if D::write_appends(c, &writes, now).await? {
+        if D::write_appends(c, &writes, now, again).await? {
             Ok(outcomes)
         } else {
             Err(sqlx::Error::Protocol(LOST_RACE.into()))
