@@ -53,6 +53,8 @@ pub struct Layer {
     #[arg(long, env = "CHATMESH_INTERNAL_LISTEN")]
     pub internal_listen: Option<String>,
     /// Base URL peers use to reach this node's peer API [default: http://<internal-listen>]
+    // These comments are clap's --help text, not markdown: `<...>` is a placeholder.
+    #[allow(rustdoc::invalid_html_tags)]
     #[arg(long, env = "CHATMESH_ADVERTISE")]
     pub advertise: Option<String>,
     /// Unique id of this node [default: random, printed at start]
@@ -73,6 +75,7 @@ pub struct Layer {
     #[arg(long, env = "CHATMESH_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
     /// Enables the server HTTP API (/api/...) with Authorization: Bearer <key>
+    #[allow(rustdoc::invalid_html_tags)]
     #[arg(long, env = "CHATMESH_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
     /// Node heartbeat period into Redis, ms [default: 1000]

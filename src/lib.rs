@@ -86,7 +86,7 @@ pub enum RunError {
 ///
 /// Both listeners are served by the same worker threads, and the node's core (the
 /// store's writer and connections, the ChatServer, the cluster's actors and Redis
-/// connections) is built on the first worker (see [`Boot`]), so with one worker a
+/// connections) is built on the first worker (see `Boot`), so with one worker a
 /// message crosses no thread on its way from one socket to another.
 pub async fn run(
     settings: Settings,

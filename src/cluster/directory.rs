@@ -24,7 +24,7 @@
 //!   write never delays a heartbeat past the TTL.
 //! - **A Redis Cluster works the same.** `--redis-url` listing several seed nodes
 //!   connects to a cluster; commands are batched in one pipeline on a single Redis and in
-//!   one pipeline per hash slot on a cluster ([`Steps`]), keeping the order above.
+//!   one pipeline per hash slot on a cluster (`Steps`), keeping the order above.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;

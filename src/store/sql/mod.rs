@@ -6,7 +6,7 @@
 //!
 //! - **One writer per node, group commit.** Every write is a job on a bounded queue to
 //!   one writer task with one connection. It takes every job that is waiting (up to
-//!   [`MAX_BATCH`]) and commits the appends together in one transaction, then the marks
+//!   `MAX_BATCH`) and commits the appends together in one transaction, then the marks
 //!   together in another, so a busy node pays one commit (one fsync) for many messages
 //!   and a lone message goes at once. A busy writer (its last pass carried several
 //!   jobs) starts a pass at most every [`StoreLimits::writer_pause`]
