@@ -1,11 +1,11 @@
 //! PostgreSQL: the store of record shared by every node of a cluster.
 //!
 //! Every node has its own writer, so here the rows a transaction depends on are locked:
-//! the conversations' counter rows (by an upsert, which locks the row it conflicts with
-//! like `FOR UPDATE`; sorted), then, in a batch with room messages, the senders' member
-//! rows (`FOR UPDATE`, sorted: a concurrent removal waits), in one statement; the write
-//! then locks the member rows whose marks it writes, sorted, as the marks transaction
-//! does, so neither deadlocks with it. Batches are written with arrays (`unnest`), so an
+//! the conversations' counter rows (`FOR UPDATE`, or, on a retry when one is missing, an
+//! upsert that makes it and locks the rows it conflicts with; sorted), then, in a batch
+//! with room messages, the senders' member rows (`FOR UPDATE`, sorted: a concurrent
+//! removal waits), in one statement; the write then locks the member rows whose marks
+//! it writes, sorted, as the marks transaction does, so neither deadlocks with it. Batches are written with arrays (`unnest`), so an
 //! append batch costs a fixed number of round trips whatever its size.
 
 use std::collections::HashMap;
@@ -128,14 +128,17 @@ dialect!(PgDialect, sqlx::Postgres, " FOR UPDATE", {
         // (measured: four WAL records a conversation per batch became two). With
         // `create`, they are made if missing (a first message on two nodes at once: one
         // inserts, the other waits for it) and locked, as `ON CONFLICT DO UPDATE` locks
-        // the row it conflicts with, at the cost of a new row version.
+        // the row it conflicts with, at the cost of a new row version. Both lock in byte
+        // order, as the caller sorted the arrays: the probes follow the array, and the
+        // upsert's ORDER BY says `COLLATE "C"`, so that a database made with another
+        // collation does not lock the counters in an order of its own.
         static LOCK: &str = "WITH c AS ( \
                SELECT r.conv, r.last_seq FROM unnest($1::text[]) AS t(v) \
                CROSS JOIN LATERAL (SELECT conv, last_seq FROM conversations \
                  WHERE conv = t.v LIMIT 1 FOR UPDATE) r), ";
         static CREATE: &str = "WITH c AS ( \
                INSERT INTO conversations AS c (conv) SELECT v FROM unnest($1::text[]) AS t(v) \
-               ORDER BY v ON CONFLICT (conv) DO UPDATE SET conv = excluded.conv \
+               ORDER BY v COLLATE \"C\" ON CONFLICT (conv) DO UPDATE SET conv = excluded.conv \
                RETURNING c.conv, c.last_seq), ";
         static MEMBERS: &str = "k AS (SELECT count(*) AS n FROM c) \
              SELECT conv, NULL, last_seq, NULL FROM c \
