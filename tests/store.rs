@@ -47,6 +47,89 @@ async fn postgres_passes_the_conformance_suite() {
     .await;
 }
 
+/// The indexes of the two tables the append writes most: (name, access method, oid).
+async fn indexes(c: &mut sqlx::PgConnection) -> Vec<(String, String, i64)> {
+    sqlx::query_as(
+        "SELECT c.relname::text, am.amname::text, c.oid::bigint FROM pg_index i \
+         JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am am ON am.oid = c.relam \
+         WHERE i.indrelid IN ('messages'::regclass, 'idempotency'::regclass) \
+         ORDER BY 1",
+    )
+    .fetch_all(c)
+    .await
+    .expect("list indexes")
+}
+
+/// A database made by the first version (migration 0001) upgrades to the BRIN indexes
+/// of 0002: the B-trees that only the purge read go, and an index the operator built
+/// beforehand, without locking the table (README, "Database schema"), is kept as
+/// built, not built again; then the store appends and purges as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_existing_postgres_upgrades_keeping_an_index_built_beforehand() {
+    use sqlx::Connection as _;
+    let url = PgServer::shared().fresh_database();
+    let mut c = sqlx::PgConnection::connect(&url).await.expect("connect");
+    let dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/postgres"));
+    let mut first = sqlx::migrate::Migrator::new(dir)
+        .await
+        .expect("read migrations");
+    first.migrations = first
+        .migrations
+        .iter()
+        .filter(|m| m.version == 1)
+        .cloned()
+        .collect::<Vec<_>>()
+        .into();
+    first.run(&mut c).await.expect("migration 0001");
+    let old: Vec<String> = indexes(&mut c).await.into_iter().map(|i| i.0).collect();
+    assert!(
+        old.contains(&"messages_ts".to_owned()) && old.contains(&"idempotency_expires".to_owned()),
+        "{old:?}"
+    );
+    sqlx::query(
+        "CREATE INDEX CONCURRENTLY messages_ts_brin ON messages USING brin (ts) \
+         WITH (autosummarize = on)",
+    )
+    .execute(&mut c)
+    .await
+    .expect("build the index beforehand");
+    let built = indexes(&mut c).await;
+
+    let s = open(&url, StoreLimits::default()).await;
+    let now = indexes(&mut c).await;
+    let names: Vec<&str> = now.iter().map(|i| i.0.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "idempotency_expires_brin",
+            "idempotency_pkey",
+            "messages_edits",
+            "messages_pkey",
+            "messages_ts_brin"
+        ]
+    );
+    for (name, method, _) in &now {
+        if name.ends_with("_brin") {
+            assert_eq!(method, "brin", "{name}");
+        }
+    }
+    let oid = |list: &[(String, String, i64)]| {
+        list.iter().find(|i| i.0 == "messages_ts_brin").map(|i| i.2)
+    };
+    assert!(oid(&built).is_some(), "{built:?}");
+    assert_eq!(oid(&now), oid(&built), "the index built beforehand is kept");
+
+    // The upgraded database serves: an append, and the purge of its client id once
+    // expired (a day later), which reads the new index.
+    s.append(dm("a", "b", "hi", Some("c1")))
+        .await
+        .expect("append");
+    assert_eq!(read_all(&*s, "dm:a:b").await, vec![1]);
+    let day_later = chatmesh::protocol::now_ms() + 25 * 3600 * 1000;
+    let purged = s.purge(day_later).await.expect("purge");
+    assert_eq!(purged.idempotency, 1);
+}
+
 async fn read_all(store: &dyn Store, conv: &str) -> Vec<u64> {
     store
         .read(vec![ReadRequest {
