@@ -106,6 +106,15 @@ for i in 1 2 3; do
     TARGETS+="${TARGETS:+,}ws://127.0.0.1:$p"
 done
 
+pg_sql() {
+    PGCONNECT_TIMEOUT=10 timeout 30 "$PG_BIN/psql" -X -q -A -t -h "$PG_SOCKET_DIR" \
+        -U postgres -d chatmesh -c "$1"
+}
+# What PostgreSQL has done before the load (start-up, migrations), to take from the end's.
+STORE_COUNTS="SELECT w.wal_records, w.wal_bytes, d.blks_hit + d.blks_read \
+    FROM pg_stat_wal w, pg_stat_database d WHERE d.datname = current_database()"
+STORE_BEFORE=$(pg_sql "$STORE_COUNTS")
+
 if [ "$SCENARIO" = direct ]; then
     LOAD=(--users 1000)
 else
@@ -115,11 +124,6 @@ fi
     "${LOAD[@]}" --rate "$RATE" --duration 12 --warmup 3 >"$TMP/run.txt" 2>&1 &
 BENCH=$!
 PIDS+=("$BENCH")
-pg_sql() { "$PG_BIN/psql" -X -q -A -t -h "$PG_SOCKET_DIR" -U postgres -d chatmesh -c "$1"; }
-# What PostgreSQL has done so far (start-up and migrations), to take from the end's.
-STORE_COUNTS="SELECT w.wal_records, w.wal_bytes, d.blks_hit + d.blks_read \
-    FROM pg_stat_wal w, pg_stat_database d WHERE d.datname = current_database()"
-STORE_BEFORE=$(pg_sql "$STORE_COUNTS")
 sleep 7
 if [ -n "${CALL_GRAPH:-}" ]; then
     perf record -a -F 499 --call-graph dwarf,32768 -o "$DATA" -- sleep 5 2>/dev/null >/dev/null

@@ -5,8 +5,9 @@
 //! upsert that makes it and locks the rows it conflicts with; sorted), then, in a batch
 //! with room messages, the senders' member rows (`FOR UPDATE`, sorted: a concurrent
 //! removal waits), in one statement; the write then locks the member rows whose marks
-//! it writes, sorted, as the marks transaction does, so neither deadlocks with it. Batches are written with arrays (`unnest`), so an
-//! append batch costs a fixed number of round trips whatever its size.
+//! it writes, sorted, as the marks transaction does, so neither deadlocks with it.
+//! Batches are written with arrays (`unnest`), so an append batch costs a fixed number
+//! of round trips whatever its size.
 
 use std::collections::HashMap;
 use std::str::FromStr;
