@@ -4,7 +4,8 @@
 # offering the load, and a system-wide `perf record` of 5 s in the middle of the run.
 # Prints the run's result, then each party's share of the machine split into kernel and
 # user time, then what PostgreSQL did per message stored (WAL records and bytes, shared
-# buffers touched), a figure that does not depend on the machine's speed.
+# buffers touched; figures that do not depend on the machine's speed) and how many
+# transactions it committed and rolled back.
 #
 #   bench/profile.sh direct 15     # 1000 users in pairs, 15 msg/s each (15,000 msg/s)
 #   bench/profile.sh room 128      # one room of 1000, one sender at 128 msg/s
@@ -111,7 +112,8 @@ pg_sql() {
         -U postgres -d chatmesh -c "$1"
 }
 # What PostgreSQL has done before the load (start-up, migrations), to take from the end's.
-STORE_COUNTS="SELECT w.wal_records, w.wal_bytes, d.blks_hit + d.blks_read \
+STORE_COUNTS="SELECT w.wal_records, w.wal_bytes, d.blks_hit + d.blks_read, \
+    d.xact_commit, d.xact_rollback \
     FROM pg_stat_wal w, pg_stat_database d WHERE d.datname = current_database()"
 STORE_BEFORE=$(pg_sql "$STORE_COUNTS")
 
@@ -170,8 +172,9 @@ python3 - "$STORE_BEFORE" "$STORE_AFTER" "$STORED" <<'PY'
 import sys
 before, after = ([int(x) for x in a.split("|")] for a in sys.argv[1:3])
 n = max(int(sys.argv[3]), 1)
-records, wal, buffers = (a - b for a, b in zip(after, before))
+records, wal, buffers, commits, rollbacks = (a - b for a, b in zip(after, before))
 print(f"  WAL records {records / n:5.1f}   WAL bytes {wal / n:6,.0f}   shared buffers touched {buffers / n:5.1f}")
+print(f"  transactions: {commits:,} committed, {rollbacks:,} rolled back (a writer's retry)")
 PY
 
 [ -n "${CALL_GRAPH:-}" ] || exit 0

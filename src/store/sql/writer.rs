@@ -98,6 +98,7 @@ pub(super) async fn writer<D: Dialect>(
     // at a time (one client waiting for each answer) never waits.
     let mut last_busy_pass: Option<tokio::time::Instant> = None;
     let mut held: Option<sqlx::pool::PoolConnection<D::Db>> = None;
+    let mut known = KnownCounters::default();
     while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
         if let Some(next) = last_busy_pass.map(|t| t + limits.writer_pause) {
             if next > tokio::time::Instant::now() && batch.len() < MAX_BATCH {
@@ -136,10 +137,11 @@ pub(super) async fn writer<D: Dialect>(
             },
         };
         let c = &*committed;
-        let mut healthy = run_group::<D>(conn, appends, &limits, c, append_batch::<D>).await;
-        healthy &= run_group::<D>(conn, marks, &limits, c, mark_batch::<D>).await;
+        let k = &mut known;
+        let mut healthy = run_group::<D>(conn, appends, &limits, k, c, append_batch::<D>).await;
+        healthy &= run_group::<D>(conn, marks, &limits, k, c, mark_batch::<D>).await;
         for job in others {
-            healthy &= run_group::<D>(conn, vec![job], &limits, c, single::<D>).await;
+            healthy &= run_group::<D>(conn, vec![job], &limits, k, c, single::<D>).await;
         }
         if !healthy {
             held = None;
@@ -156,9 +158,10 @@ type Outcome = Result<Done, Refusal>;
 /// - that none of its client ids was stored before (a resend): it does not look them
 ///   up, and the write finds out, as it finds out that another node stored one
 ///   meanwhile;
-/// - that each of its conversations has its counter row (all but a conversation's
-///   first message): it only locks them, which is cheaper on PostgreSQL than making
-///   them if missing, and finds out when one is missing.
+/// - that each of its conversations has its counter row, when this writer has seen
+///   them all committed ([`KnownCounters`]; otherwise it makes them at once): it only
+///   locks them, which is cheaper on PostgreSQL than making them if missing, and finds
+///   out if one is missing all the same.
 ///
 /// Either way the transaction is rolled back and tried again, looking the client ids up
 /// and making the counter rows.
@@ -173,8 +176,41 @@ type GroupFn<D> = for<'a> fn(
     &'a mut Conn<D>,
     &'a [&'a Op],
     &'a StoreLimits,
+    &'a KnownCounters,
     Try,
 ) -> futures_util::future::BoxFuture<'a, SqlResult<Vec<Outcome>>>;
+
+/// The conversations this writer has seen committed with their counter row, so that a
+/// first try of a batch of theirs only locks the rows (see [`Try`]), and a batch with a
+/// conversation new to this writer makes its row at once instead of failing its first
+/// try. Counter rows are never deleted, so an entry stays true; the set is bounded, and
+/// forgotten whole when full (each conversation's next batch then makes sure of its row
+/// once more, as after a restart).
+#[derive(Debug, Default)]
+struct KnownCounters(HashSet<String>);
+
+impl KnownCounters {
+    /// How many conversations a writer remembers (about 4 MiB of keys at most).
+    const MAX: usize = 65_536;
+
+    fn all(&self, convs: &[String]) -> bool {
+        convs.iter().all(|c| self.0.contains(c))
+    }
+
+    /// After a commit: the conversations of its appends have their counter rows.
+    fn committed(&mut self, ops: &[&Op]) {
+        for op in ops {
+            if let Op::Append(m) = op {
+                if !self.0.contains(&m.conv) {
+                    if self.0.len() >= Self::MAX {
+                        self.0.clear();
+                    }
+                    self.0.insert(m.conv.clone());
+                }
+            }
+        }
+    }
+}
 
 /// Runs `jobs` in one transaction with `f`; if that fails, each job alone, so one
 /// job's failure is its own. Answers false if the database failed (a refusal by the
@@ -183,6 +219,7 @@ async fn run_group<D: Dialect>(
     conn: &mut Conn<D>,
     jobs: Vec<Job>,
     limits: &StoreLimits,
+    known: &mut KnownCounters,
     committed: &Committed,
     f: GroupFn<D>,
 ) -> bool
@@ -192,7 +229,7 @@ where
     if jobs.is_empty() {
         return true;
     }
-    match transact::<D>(conn, &jobs, limits, committed, f).await {
+    match transact::<D>(conn, &jobs, limits, known, committed, f).await {
         Ok(outcomes) => {
             answer(jobs, outcomes);
             true
@@ -204,7 +241,8 @@ where
             );
             let mut healthy = true;
             for job in jobs {
-                match transact::<D>(conn, std::slice::from_ref(&job), limits, committed, f).await {
+                let one = std::slice::from_ref(&job);
+                match transact::<D>(conn, one, limits, known, committed, f).await {
                     Ok(outcomes) => answer(vec![job], outcomes),
                     Err(e) => {
                         healthy = false;
@@ -229,6 +267,7 @@ async fn transact<D: Dialect>(
     conn: &mut Conn<D>,
     jobs: &[Job],
     limits: &StoreLimits,
+    known: &mut KnownCounters,
     committed: &Committed,
     f: GroupFn<D>,
 ) -> SqlResult<Vec<Outcome>>
@@ -243,9 +282,10 @@ where
     for n in 0..3 {
         let attempt = if n == 0 { Try::First } else { Try::Again };
         let mut tx = conn.begin().await?;
-        match f(&mut *tx, &ops, limits, attempt).await {
+        match f(&mut *tx, &ops, limits, known, attempt).await {
             Ok(outcomes) => {
                 tx.commit().await?;
+                known.committed(&ops);
                 committed.commits.fetch_add(1, Ordering::Relaxed);
                 committed
                     .writes
@@ -291,6 +331,7 @@ fn append_batch<'a, D: Dialect>(
     c: &'a mut Conn<D>,
     ops: &'a [&'a Op],
     limits: &'a StoreLimits,
+    known: &'a KnownCounters,
     attempt: Try,
 ) -> futures_util::future::BoxFuture<'a, SqlResult<Vec<Outcome>>>
 where
@@ -305,7 +346,7 @@ where
             })
             .collect();
         let again = attempt == Try::Again;
-        let (outcomes, writes, now) = decide_appends::<D>(c, &msgs, limits, again).await?;
+        let (outcomes, writes, now) = decide_appends::<D>(c, &msgs, limits, known, again).await?;
         if D::write_appends(c, &writes, now, again).await? {
             Ok(outcomes)
         } else {
@@ -316,11 +357,13 @@ where
 
 /// Reads what the rules need for a batch of appends and decides each in order. Without
 /// `again` (a first try), no client id is taken to have been stored before, and each
-/// conversation to have its counter row (see [`Try`]).
+/// conversation this writer knows to have its counter row is taken to have it still
+/// (see [`Try`]).
 async fn decide_appends<D: Dialect>(
     c: &mut Conn<D>,
     msgs: &[&NewMessage],
     limits: &StoreLimits,
+    known: &KnownCounters,
     again: bool,
 ) -> SqlResult<(Vec<Outcome>, AppendWrites, u64)>
 where
@@ -363,7 +406,8 @@ where
     } else {
         Vec::new()
     };
-    let Locked { mut last, roles } = D::lock_for_append(c, &convs, &role_pairs, again).await?;
+    let create = again || !known.all(&convs);
+    let Locked { mut last, roles } = D::lock_for_append(c, &convs, &role_pairs, create).await?;
     if convs.iter().any(|conv| !last.contains_key(conv)) {
         return Err(sqlx::Error::Protocol(NEW_CONVERSATION.into()));
     }
@@ -475,6 +519,7 @@ fn mark_batch<'a, D: Dialect>(
     c: &'a mut Conn<D>,
     ops: &'a [&'a Op],
     _: &'a StoreLimits,
+    _: &'a KnownCounters,
     _: Try,
 ) -> futures_util::future::BoxFuture<'a, SqlResult<Vec<Outcome>>>
 where
@@ -528,6 +573,7 @@ fn single<'a, D: Dialect>(
     c: &'a mut Conn<D>,
     ops: &'a [&'a Op],
     limits: &'a StoreLimits,
+    _: &'a KnownCounters,
     _: Try,
 ) -> futures_util::future::BoxFuture<'a, SqlResult<Vec<Outcome>>>
 where
@@ -690,4 +736,61 @@ where
         }
         Op::Append(_) | Op::Mark { .. } => Err(Refusal::Invalid("not a room change".into())),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::conformance::{dm, room};
+
+    fn convs(names: &[&str]) -> Vec<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn known_counters_are_the_committed_appends_conversations() {
+        let mut known = KnownCounters::default();
+        let (a, b) = (
+            dm("alice", "bob", "x", None),
+            room("carol", "lobby", "y", None),
+        );
+        let (ca, cb) = (a.conv.clone(), b.conv.clone());
+        assert!(!known.all(&convs(&[&ca])));
+        assert!(known.all(&[]), "a batch without appends needs no counter");
+        let join = Op::Join {
+            uid: "dave".into(),
+            room: "hall".into(),
+        };
+        known.committed(&[&Op::Append(a), &join]);
+        assert!(known.all(&convs(&[&ca])));
+        assert!(
+            !known.all(&convs(&[&ca, &cb])),
+            "one unknown: make them all"
+        );
+        assert!(
+            !known.all(&convs(&["room:hall"])),
+            "a join makes no counter row"
+        );
+        known.committed(&[&Op::Append(b)]);
+        assert!(known.all(&convs(&[&ca, &cb])));
+    }
+
+    #[test]
+    fn known_counters_are_forgotten_whole_when_full() {
+        let mut known = KnownCounters::default();
+        let first = dm("u0", "hub", "x", None);
+        let first_conv = first.conv.clone();
+        known.committed(&[&Op::Append(first)]);
+        for i in 1..KnownCounters::MAX {
+            known.committed(&[&Op::Append(dm(&format!("u{i}"), "hub", "x", None))]);
+        }
+        assert_eq!(known.0.len(), KnownCounters::MAX);
+        assert!(known.all(&convs(&[&first_conv])));
+        let last = dm("one-more", "hub", "x", None);
+        let last_conv = last.conv.clone();
+        known.committed(&[&Op::Append(last)]);
+        assert_eq!(known.0.len(), 1, "full: forgotten, then the new one kept");
+        assert!(known.all(&convs(&[&last_conv])));
+        assert!(!known.all(&convs(&[&first_conv])));
+    }
 }
