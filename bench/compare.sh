@@ -163,7 +163,7 @@ echo "memory:   $(free -h | awk '/^Mem:/ {print $2 " total, " $7 " available"}')
 echo "load avg: $(cut -d' ' -f1-3 /proc/loadavg) (before the run)"
 echo "versions: redis $(redis-server --version | sed 's/.*v=\([^ ]*\).*/\1/'), postgresql $PG_VERSION, node $(node --version), socket.io $(node -p 'require("'"$ROOT"'/bench/peers/socketio/node_modules/socket.io/package.json").version'), $(rustc --version)"
 echo "loads:    duration ${DURATION}s + warm-up ${WARMUP}s; idle $IDLE_CONNS; direct $DIRECT_USERS users x $DIRECT_RATE/s; room 1 x $ROOM_MEMBERS members, $ROOM_SENDERS sender(s) x $ROOM_RATE/s"
-[ "$MODE" = single ] || echo "postgres: synchronous_commit=$PG_SYNCHRONOUS_COMMIT, max_connections=$PG_MAX_CONNECTIONS, otherwise defaults; data in $TMP/pg"
+[ "$MODE" = single ] || echo "postgres: synchronous_commit=$PG_SYNCHRONOUS_COMMIT, max_connections=$PG_MAX_CONNECTIONS, otherwise defaults; WAL warmed with 600 MB (pg_warm_wal); data in $TMP/pg"
 echo "results:  $OUT"
 
 # ---------------------------------------------------------------- redis
@@ -178,12 +178,14 @@ redis-cli -p "$RPORT" ping >/dev/null || { echo "redis-server did not start"; ex
 
 # ---------------------------------------------------------------- postgresql
 # chatmesh's store of record in cluster mode: a fresh cluster (initdb) on a unix socket
-# in $TMP/pg, no TCP port. Stopped by the EXIT trap.
+# in $TMP/pg, no TCP port, whose WAL is warmed first (pg_warm_wal: a new cluster stalls
+# its commits while it makes each new WAL file; one that has run for a while recycles
+# them). Stopped by the EXIT trap.
 DATABASE_URL=""
 PG_NOTE=""
 if [ "$MODE" != single ]; then
     if pg_start "$TMP/pg" "$TMP/postgres.log" "synchronous_commit=$PG_SYNCHRONOUS_COMMIT" \
-        "max_connections=$PG_MAX_CONNECTIONS" && pg_create_db chatmesh; then
+        "max_connections=$PG_MAX_CONNECTIONS" && pg_create_db chatmesh && pg_warm_wal; then
         DATABASE_URL=$(pg_url chatmesh)
         PG_NOTE="PostgreSQL $PG_VERSION (synchronous_commit=$PG_SYNCHRONOUS_COMMIT)"
         echo "postgresql ready: $DATABASE_URL"

@@ -88,6 +88,7 @@ redis-cli -p "$RPORT" ping >/dev/null || { echo "redis-server did not start" >&2
 # PostgreSQL: the store of record, on a unix socket in $TMP/pg only.
 pg_start "$TMP/pg" "$TMP/postgres.log" "synchronous_commit=$PG_SYNCHRONOUS_COMMIT" || exit 1
 pg_create_db chatmesh || exit 1
+pg_warm_wal || exit 1  # as compare.sh does: WAL files to recycle, as on a server that has run
 DATABASE_URL=$(pg_url chatmesh)
 # chatmesh-bench adds a watched process's children (PostgreSQL's backends) to its CPU.
 PIDARGS=(--pid "redis=$REDIS_PID" --pid "postgres=$PG_PID")

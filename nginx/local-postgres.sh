@@ -12,6 +12,13 @@
 #       PG_SOCKET_DIR. Output of initdb and the server goes to LOG.
 #   pg_create_db NAME   creates database NAME (fails if it exists)
 #   pg_url NAME         prints the URL of database NAME, for --database-url
+#   pg_warm_wal [MB]    writes about MB (600) of WAL into a scratch table, drops it and
+#                       checkpoints, so that the server has that much of used WAL segment
+#                       files to recycle, as a server that has run for a while does. A
+#                       fresh cluster has none: each 16 MB of WAL written makes a new
+#                       file, zero-filled and fsynced inside some commit, which stalls
+#                       every commit behind it (pg_stat_activity shows IO/WALInitSync).
+#                       For benchmarks; takes a few seconds.
 #   pg_stop [SECS]      fast shutdown (SIGINT: clients are disconnected, the server
 #                       checkpoints and exits), up to SECS (10) seconds; then immediate
 #                       shutdown (SIGQUIT), then SIGKILL. Does nothing if not running.
@@ -163,6 +170,20 @@ pg_create_db() {
     PGCONNECT_TIMEOUT=10 timeout 30 "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 \
         -h "$PG_SOCKET_DIR" -U postgres -d postgres -c "CREATE DATABASE $name" </dev/null ||
         { _pg_err "could not create database $name"; return 1; }
+}
+
+pg_warm_wal() {
+    local mb=${1:-600}
+    if [[ -z $PG_SOCKET_DIR ]]; then
+        _pg_err "pg_warm_wal before pg_start"
+        return 1
+    fi
+    # About 1 KiB of WAL a row.
+    PGCONNECT_TIMEOUT=10 timeout 120 "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 \
+        -h "$PG_SOCKET_DIR" -U postgres -d postgres \
+        -c "CREATE TABLE pg_warm_wal AS SELECT g, repeat('x', 900) AS pad FROM generate_series(1, $((mb * 1000))) g" \
+        -c "DROP TABLE pg_warm_wal" -c "CHECKPOINT" </dev/null ||
+        { _pg_err "could not warm the WAL"; return 1; }
 }
 
 pg_url() {
