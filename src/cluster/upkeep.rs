@@ -14,7 +14,7 @@
 //! offline everywhere; the task hands those to the bridge to announce.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use actix::prelude::*;
@@ -49,6 +49,8 @@ pub struct UpkeepState {
     pub dirty: AtomicBool,
     /// Works queued or being written, so shutdown can wait for them.
     pub pending: AtomicUsize,
+    /// Works the full queue refused since the directory was last written in full.
+    pub refused: AtomicU64,
 }
 
 /// The ChatServer's side of the channel.
@@ -57,16 +59,42 @@ pub struct UpkeepSink {
     state: Arc<UpkeepState>,
 }
 
+/// What became of a work handed to the sink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Queued {
+    Yes,
+    /// Refused: the queue is full. `first` when no work had been refused since the
+    /// directory was last written in full (the one refusal worth a warning: a storm of
+    /// disconnects refuses thousands).
+    Refused {
+        first: bool,
+    },
+}
+
 impl UpkeepSink {
-    fn queue(&self, work: Work) -> bool {
+    fn queue(&self, work: Work) -> Queued {
         self.state.pending.fetch_add(1, Ordering::SeqCst);
         match self.tx.try_send(work) {
-            Ok(()) => true,
+            Ok(()) => Queued::Yes,
             Err(_) => {
                 self.state.pending.fetch_sub(1, Ordering::SeqCst);
                 self.state.dirty.store(true, Ordering::SeqCst);
-                false
+                let before = self.state.refused.fetch_add(1, Ordering::SeqCst);
+                Queued::Refused { first: before == 0 }
             }
+        }
+    }
+}
+
+fn warn_refused(queued: Queued) {
+    match queued {
+        Queued::Yes => {}
+        Queued::Refused { first: true } => log::warn!(
+            "directory upkeep queue is full ({UPKEEP_QUEUE} changes waiting); changes are \
+             dropped until the directory is written again in full from this node's tables"
+        ),
+        Queued::Refused { first: false } => {
+            log::debug!("directory upkeep queue is still full; change dropped")
         }
     }
 }
@@ -74,23 +102,25 @@ impl UpkeepSink {
 impl ClusterSink for UpkeepSink {
     fn record(&self, changes: Vec<LocalChange>, ack: Option<oneshot::Sender<bool>>) {
         // A refused work drops its ack: the waiter sees the directory did not record.
-        if !self.queue(Work::Record { changes, ack }) {
-            log::warn!("directory upkeep queue is full; the directory will be rewritten");
-        }
+        warn_refused(self.queue(Work::Record { changes, ack }));
     }
 
     fn reconcile(&self, users: BTreeSet<String>, rooms: BTreeSet<String>, resync_after: bool) {
-        self.queue(Work::Reconcile {
+        warn_refused(self.queue(Work::Reconcile {
             users,
             rooms,
             resync_after,
-        });
+        }));
     }
 }
 
 /// Makes the channel; [`run`] drains it.
 pub fn channel(state: Arc<UpkeepState>) -> (UpkeepSink, mpsc::Receiver<Work>) {
-    let (tx, rx) = mpsc::channel(UPKEEP_QUEUE);
+    channel_of(state, UPKEEP_QUEUE)
+}
+
+fn channel_of(state: Arc<UpkeepState>, capacity: usize) -> (UpkeepSink, mpsc::Receiver<Work>) {
+    let (tx, rx) = mpsc::channel(capacity);
     (UpkeepSink { tx, state }, rx)
 }
 
@@ -118,10 +148,11 @@ pub async fn run(
                     // Everything before this snapshot is in it; everything after
                     // follows it in the queue.
                     state.dirty.store(false, Ordering::SeqCst);
+                    let refused = state.refused.swap(0, Ordering::SeqCst);
                     match directory.reconcile(&users, &rooms).await {
                         Ok(()) => {
                             log::info!(
-                                "directory written again: {} users, {} rooms here",
+                                "directory written again: {} users, {} rooms here ({refused} changes the full queue had refused)",
                                 users.len(),
                                 rooms.len()
                             );
@@ -204,5 +235,44 @@ async fn write_records(
     }
     for a in announcements {
         let _ = bridge.send(a).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> Work {
+        Work::Record {
+            changes: vec![LocalChange::RoomOccupied("lobby".into())],
+            ack: None,
+        }
+    }
+
+    #[test]
+    fn a_full_queue_marks_the_directory_dirty_and_warns_once_per_episode() {
+        let state = Arc::new(UpkeepState::default());
+        let (sink, mut rx) = channel_of(state.clone(), 1);
+        assert_eq!(sink.queue(record()), Queued::Yes);
+        assert!(!state.dirty.load(Ordering::SeqCst));
+        assert_eq!(sink.queue(record()), Queued::Refused { first: true });
+        assert!(
+            state.dirty.load(Ordering::SeqCst),
+            "a refused change is rewritten later"
+        );
+        assert_eq!(sink.queue(record()), Queued::Refused { first: false });
+        assert_eq!(sink.queue(record()), Queued::Refused { first: false });
+        assert_eq!(state.refused.load(Ordering::SeqCst), 3);
+        assert_eq!(
+            state.pending.load(Ordering::SeqCst),
+            1,
+            "only the queued work waits"
+        );
+
+        // The rewrite starts a new episode (as `run` does when it takes a Reconcile).
+        assert!(rx.try_recv().is_ok());
+        assert_eq!(state.refused.swap(0, Ordering::SeqCst), 3);
+        assert_eq!(sink.queue(record()), Queued::Yes);
+        assert_eq!(sink.queue(record()), Queued::Refused { first: true });
     }
 }
